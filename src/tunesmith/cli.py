@@ -1,0 +1,264 @@
+"""The ``tunesmith`` command: argument parsing and one plain function per subcommand.
+
+Flags come from the dataclasses in ``config.py``; ``--config run.yaml`` supplies any of them
+and the command line overrides it. A user mistake (bad flag, bad file, missing model) is
+printed as one sentence and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from tunesmith.config import InferCommandArgs, SftArgs
+from tunesmith.utils import UserError, logger, setup_logging
+
+TRUE = {"true", "1", "yes", "y", "on"}
+FALSE = {"false", "0", "no", "n", "off"}
+
+
+def str2bool(value: str | bool) -> bool:
+    """Parse ms-swift style booleans: ``true``/``false`` (also 1/0, yes/no)."""
+    if isinstance(value, bool):
+        return value
+    low = str(value).strip().lower()
+    if low in TRUE:
+        return True
+    if low in FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _none_or(conv: Any) -> Any:
+    def parse(value: str) -> Any:
+        return None if str(value).lower() in {"none", "null"} else conv(value)
+
+    parse.__name__ = getattr(conv, "__name__", "value")
+    return parse
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """``int | None`` -> (int, True); ``list[str]`` -> (list[str], False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner[0], True
+    return tp, False
+
+
+def _flag_spec(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
+    tp, optional = _unwrap(tp)
+    meta = f.metadata
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    spec: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+    shown = "none" if default is None or default == [] else default
+    if isinstance(shown, list):
+        shown = " ".join(map(str, shown))
+    help_text = f"{meta['help']} (default: {shown})"
+    if meta.get("todo"):
+        help_text += " [not implemented yet]"
+    spec["help"] = help_text.replace("%", "%%")
+    if typing.get_origin(tp) is list:
+        spec["nargs"] = "*"
+        spec["metavar"] = "VALUE"
+    elif tp is bool:
+        spec["type"] = _none_or(str2bool) if optional else str2bool
+        spec["metavar"] = "true|false"
+    else:
+        spec["type"] = _none_or(tp) if optional else tp
+        spec["metavar"] = "|".join(meta["choices"]) if meta.get("choices") else tp.__name__.upper()
+    if meta.get("choices"):
+        spec["choices"] = list(meta["choices"])
+    return spec
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_parser(cls: type, prog: str, description: str) -> _Parser:
+    """An argparse parser with one ``--flag`` per dataclass field (plus its aliases)."""
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False)
+    parser.add_argument(
+        "--config", metavar="YAML", help="YAML file supplying any flag; the command line wins"
+    )
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        names = [f"--{f.name}"] + [f"--{a}" for a in f.metadata.get("aliases", ())]
+        parser.add_argument(*names, **_flag_spec(f, hints[f.name]))
+    return parser
+
+
+def _flag_names(cls: type) -> list[str]:
+    names = []
+    for f in dataclasses.fields(cls):
+        names.append(f.name)
+        names.extend(f.metadata.get("aliases", ()))
+    return names
+
+
+def _nearest(name: str, cls: type) -> str:
+    close = difflib.get_close_matches(name.lstrip("-"), _flag_names(cls), n=1, cutoff=0.5)
+    return f"; did you mean --{close[0]}?" if close else ""
+
+
+def _load_yaml(path: str, cls: type) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of flag names to values")
+    aliases = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
+    valid = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        key = aliases.get(key, key)
+        if key not in valid:
+            raise UserError(f"{path}: unknown key '{key}'{_nearest(key, cls)}")
+        out[key] = value
+    return out
+
+
+def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Convert YAML values (which may be strings or scalars) to the fields' types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in values.items():
+        tp, optional = _unwrap(hints[key])
+        try:
+            if value is None and optional:
+                out[key] = None
+            elif typing.get_origin(tp) is list:
+                out[key] = (
+                    [str(v) for v in value] if isinstance(value, list) else str(value).split()
+                )
+            elif tp is bool:
+                out[key] = str2bool(value)
+            else:
+                out[key] = tp(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+            raise UserError(f"{source}: {key}: {e}") from None
+        choices = fields[key].metadata.get("choices")
+        if choices and out[key] not in choices:
+            raise UserError(f"{source}: {key}: expected one of {', '.join(choices)}")
+    return out
+
+
+def parse_args(cls: type, prog: str, description: str, argv: list[str]) -> Any:
+    """Parse ``argv`` into ``cls``: dataclass defaults < ``--config`` YAML < command line."""
+    parser = build_parser(cls, prog, description)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        bad = next((u for u in unknown if u.startswith("-")), unknown[0])
+        hint = _nearest(bad, cls) if bad.startswith("-") else ""
+        raise UserError(f"{prog}: unknown argument '{bad}'{hint}")
+    values: dict[str, Any] = {}
+    if getattr(ns, "config", None):
+        values.update(_coerce(cls, _load_yaml(ns.config, cls), ns.config))
+    values.update({k: v for k, v in vars(ns).items() if k != "config"})
+    args = cls(**values)
+    _check_todo(args, cls)
+    return args
+
+
+def _check_todo(args: Any, cls: type) -> None:
+    """Refuse flags that are accepted for compatibility but not implemented yet."""
+    for f in dataclasses.fields(cls):
+        todo = f.metadata.get("todo")
+        if not todo:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(args, f.name)
+        if value != default:
+            raise UserError(
+                f"--{f.name} is not implemented yet in this version of tunesmith (planned: "
+                f"{todo}); remove it to continue"
+            )
+
+
+def cmd_sft(argv: list[str]) -> int:
+    """``tunesmith sft``: supervised fine-tuning (LoRA) of a chat model."""
+    args = parse_args(SftArgs, "tunesmith sft", "Fine-tune a chat model on your data.", argv)
+    from tunesmith.train.sft import sft
+
+    run_dir = sft(args)
+    logger.info(f"done: {run_dir}")
+    return 0
+
+
+def cmd_infer(argv: list[str]) -> int:
+    """``tunesmith infer``: chat with a base model or a fine-tuned checkpoint."""
+    args = parse_args(
+        InferCommandArgs, "tunesmith infer", "Chat with a model or a trained adapter.", argv
+    )
+    from tunesmith.infer.chat import infer
+
+    infer(args)
+    return 0
+
+
+COMMANDS = {"sft": cmd_sft, "infer": cmd_infer}
+
+USAGE = """usage: tunesmith COMMAND [flags]
+
+Fine-tune open chat LLMs and put the result to work. Flag names follow ms-swift, so
+`swift sft ...` works as `tunesmith sft ...`.
+
+commands:
+  sft      fine-tune a model (LoRA) on your data
+           tunesmith sft --model demo --dataset self-cognition --model_name 小智 --model_author 星河
+  infer    chat with a model or a checkpoint
+           tunesmith infer --adapters output/v0-.../checkpoint-30
+
+`tunesmith COMMAND --help` lists every flag of a command with its default.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tunesmith`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(USAGE)
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from tunesmith import __version__
+
+        print(f"tunesmith {__version__}")
+        return 0
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(
+            f"tunesmith: unknown command '{argv[0]}'{hint} (see tunesmith --help)", file=sys.stderr
+        )
+        return 2
+    try:
+        return command(argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Typed arguments for every subcommand, with ms-swift's flag names.
+
+Each dataclass below is one group of flags; a subcommand's arguments are the union of a few
+groups (``SftArgs`` = model + template + data + train). Every field's help text is its
+docstring: it is what ``tunesmith sft --help`` prints. ``cli.py`` turns these dataclasses into
+argparse parsers, merges ``--config run.yaml`` underneath the command line, and validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def arg(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    aliases: tuple[str, ...] = (),
+    todo: str | None = None,
+) -> Any:
+    """Declare one flag: its default, one-line help, allowed values and alternative names.
+
+    ``todo`` marks a flag that is accepted (so ms-swift commands parse) but not implemented
+    yet; giving it a non-default value is an error that says so, never a silent no-op.
+    """
+    meta = {"help": help, "choices": choices, "aliases": aliases, "todo": todo}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelArgs:
+    """Which model to load and how."""
+
+    model: str | None = arg(
+        None,
+        "model to start from: a local HF model directory, a .gguf file, a hub id "
+        "(e.g. Qwen/Qwen2.5-7B-Instruct), or the embedded 'demo' / 'demo-tiny' models; "
+        "sft defaults to 'demo'",
+    )
+    model_type: str | None = arg(
+        None, "model family (e.g. qwen2_5); read from the model's config.json when not given"
+    )
+    template: str | None = arg(
+        None, "chat template name; by default the model tokenizer's own chat template is used"
+    )
+    torch_dtype: str = arg(
+        "auto",
+        "weights dtype; auto = bfloat16 on GPUs and CPUs with native bf16 matmul, else float32",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
+    use_hf: bool = arg(
+        True, "download hub ids from the Hugging Face hub (false: ModelScope, if installed)"
+    )
+    attn_impl: str = arg(
+        "sdpa", "attention implementation", choices=("sdpa", "eager", "flash_attention_2")
+    )
+
+
+@dataclass
+class TemplateArgs:
+    """How conversations become token ids."""
+
+    system: str | None = arg(
+        None,
+        "default system prompt; a record's own system prompt wins over it, and it wins over "
+        "the chat template's default",
+    )
+    max_length: int = arg(2048, "maximum tokens per sample (prompt + response)")
+    truncation_strategy: str = arg(
+        "delete",
+        "what to do with samples longer than --max_length: delete them, or cut the left or "
+        "right end",
+        choices=("delete", "left", "right"),
+    )
+    loss_scale: str = arg(
+        "default",
+        "which assistant turns carry loss: default = every assistant turn, last_round = only "
+        "the last one",
+        choices=("default", "last_round"),
+    )
+
+
+@dataclass
+class DataArgs:
+    """Training data."""
+
+    dataset: list[str] = arg(
+        [],
+        "datasets: local .json/.jsonl files (alpaca format), 'self-cognition' (builtin), or "
+        "hub ids; 'name#N' samples N records",
+    )
+    val_dataset: list[str] = arg(
+        [], "validation datasets", todo="evaluation during training (issue: training engine)"
+    )
+    split_dataset_ratio: float = arg(
+        0.0,
+        "fraction of the training data held out for validation",
+        todo="evaluation during training (issue: training engine)",
+    )
+    dataset_probs: str | None = arg(
+        None,
+        "mixing probabilities, e.g. '0.4:0.4:0.2'",
+        todo="dataset mixing (issue: data pipeline)",
+    )
+    columns: str | None = arg(
+        None, "JSON column remapping", todo="column remapping (issue: data pipeline)"
+    )
+    dataset_shuffle: bool = arg(True, "shuffle the training records every epoch")
+    dataset_num_proc: int = arg(1, "processes used to tokenize the dataset")
+    model_name: list[str] | None = arg(
+        None,
+        "the new model's name for the self-cognition data: one name, or a Chinese and an "
+        "English one ('小智 XiaoZhi')",
+    )
+    model_author: list[str] | None = arg(
+        None, "the new model's author for the self-cognition data: one, or Chinese and English"
+    )
+    packing: bool = arg(
+        False,
+        "pack several samples into one sequence of up to --max_length tokens (attention "
+        "stays inside each sample)",
+    )
+
+
+@dataclass
+class TrainArgs:
+    """The training run."""
+
+    train_type: str = arg(
+        "lora",
+        "what to train: lora (adapter) or full",
+        choices=("lora", "full"),
+        aliases=("tuner_type",),
+        todo="full fine-tuning (issue: training engine)",
+    )
+    output_dir: str = arg("output", "runs are written to OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/")
+    add_version: bool = arg(True, "write into a new vN-timestamp subdirectory of --output_dir")
+    num_train_epochs: float = arg(3.0, "passes over the training data")
+    max_steps: int = arg(-1, "stop after this many optimizer steps (-1: run all epochs)")
+    per_device_train_batch_size: int = arg(1, "samples per micro-batch on each device")
+    per_device_eval_batch_size: int = arg(1, "samples per evaluation batch on each device")
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
+    learning_rate: float = arg(1e-4, "peak learning rate")
+    lr_scheduler_type: str = arg(
+        "cosine", "learning rate schedule after warmup", choices=("cosine", "linear", "constant")
+    )
+    warmup_ratio: float = arg(0.0, "fraction of the steps spent warming up linearly")
+    warmup_steps: int = arg(0, "warmup steps (overrides --warmup_ratio when > 0)")
+    weight_decay: float = arg(0.1, "AdamW weight decay")
+    adam_beta1: float = arg(0.9, "AdamW beta1")
+    adam_beta2: float = arg(0.95, "AdamW beta2")
+    max_grad_norm: float = arg(1.0, "clip the gradient norm to this (0: no clipping)")
+    logging_steps: int = arg(5, "log loss, lr, grad norm and speed every N steps")
+    eval_steps: int | None = arg(None, "evaluate every N steps (needs validation data)")
+    save_steps: int = arg(500, "save a checkpoint every N steps; the last step is always saved")
+    save_total_limit: int | None = arg(None, "keep only the newest N checkpoints")
+    seed: int = arg(42, "random seed for data order, dropout and initialisation")
+    dataloader_num_workers: int = arg(0, "worker processes feeding the training loop")
+    lora_rank: int = arg(8, "LoRA rank r")
+    lora_alpha: int = arg(32, "LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = arg(0.05, "dropout on the LoRA input")
+    target_modules: list[str] = arg(
+        ["all-linear"], "modules that get LoRA: all-linear, or module names (q_proj v_proj …)"
+    )
+    modules_to_save: list[str] = arg([], "modules trained in full beside the adapter")
+    use_rslora: bool = arg(False, "rank-stabilised LoRA scaling (alpha / sqrt(r))")
+    use_dora: bool = arg(False, "weight-decomposed LoRA (DoRA)")
+    gradient_checkpointing: bool | None = arg(
+        None, "recompute activations in backward to save memory (default: on for GPU)"
+    )
+    report_to: list[str] = arg(["tensorboard"], "trackers: tensorboard, or none")
+    resume_from_checkpoint: str | None = arg(
+        None, "continue from a checkpoint", todo="exact resume (issue: training engine)"
+    )
+    quantization_bit: int = arg(
+        0, "load the base in 4 or 8 bits (QLoRA)", todo="QLoRA (issue: training engine)"
+    )
+    lora_dtype: str | None = arg(
+        None, "dtype of the LoRA weights", todo="QLoRA (issue: training engine)"
+    )
+    deepspeed: str | None = arg(
+        None, "DeepSpeed config", todo="multi-GPU training (issue: distributed)"
+    )
+
+
+@dataclass
+class InferArgs:
+    """Generation and the chat loop."""
+
+    adapters: list[str] = arg(
+        [],
+        "LoRA checkpoints (output/vN-…/checkpoint-N); the base model, system prompt and "
+        "template come from the run's args.json",
+    )
+    stream: bool = arg(True, "print tokens as they are generated")
+    max_new_tokens: int = arg(512, "maximum tokens generated per answer")
+    temperature: float | None = arg(
+        None, "sampling temperature; 0 = greedy (default: the model's generation config)"
+    )
+    top_p: float | None = arg(None, "nucleus sampling probability mass")
+    top_k: int | None = arg(None, "sample from the k most likely tokens")
+    repetition_penalty: float | None = arg(None, "penalty for repeated tokens (1.0 = none)")
+    seed: int = arg(42, "random seed for sampling")
+    infer_backend: str = arg(
+        "pt",
+        "inference engine",
+        choices=("pt", "vllm"),
+        todo="the vLLM backend (issue: inference and export)",
+    )
+    merge_lora: bool = arg(
+        False, "merge the adapter into the base", todo="merge (issue: inference and export)"
+    )
+    max_model_len: int | None = arg(
+        None, "vLLM context length", todo="the vLLM backend (issue: inference and export)"
+    )
+
+
+@dataclass
+class SftArgs(TrainArgs, DataArgs, TemplateArgs, ModelArgs):
+    """Everything ``tunesmith sft`` takes."""
+
+
+@dataclass
+class InferCommandArgs(InferArgs, TemplateArgs, ModelArgs):
+    """Everything ``tunesmith infer`` takes."""
+
+
+def to_dict(args: Any) -> dict[str, Any]:
+    """All resolved fields of an args dataclass, as written to ``args.json``."""
+    return dataclasses.asdict(args)
+
+
+def from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Rebuild ``cls`` from a dict, ignoring keys it does not have (e.g. an sft args.json)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})

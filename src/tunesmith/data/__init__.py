@@ -1,0 +1,1 @@
+"""Data: files and builtin sets -> Conversation -> token ids and labels."""

@@ -1,0 +1,196 @@
+"""Record formats -> ``Conversation``, with problems reported as ``file:line: field: …``.
+
+Supported, detected per record: alpaca (``instruction``/``input``/``output``, optional
+``system`` and ``history``), ``query``/``response``/``history``, OpenAI ``messages``
+(``role``/``content``) and ShareGPT ``conversations`` (``from``/``value``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from tunesmith.data.messages import ROLES, Conversation, Message
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant"}
+SHAREGPT_ROLES |= {"assistant": "assistant", "tool": "tool", "function": "tool"}
+SHAREGPT_ROLES |= {"observation": "tool"}
+
+
+@dataclass
+class RecordProblem:
+    """One thing wrong with one record, located precisely enough to fix it."""
+
+    where: str
+    """``file:line`` of the record."""
+    field: str
+    """The field at fault (``output``, ``messages[2].role``, …) or ``record``."""
+    message: str
+    """What is wrong and what was expected."""
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.field}: {self.message}"
+
+
+class RecordError(ValueError):
+    """Raised by a converter for a record it cannot use."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _text(record: dict[str, Any], key: str, *, required: bool, allow_empty: bool = False) -> str:
+    if key not in record or record[key] is None:
+        if required:
+            raise RecordError(key, "missing (expected a non-empty string)")
+        return ""
+    value = record[key]
+    if not isinstance(value, str):
+        raise RecordError(key, f"expected a string, got {_kind(value)}")
+    if required and not allow_empty and not value.strip():
+        raise RecordError(key, "empty (expected a non-empty string)")
+    return value
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", bool: "a boolean", int: "a number"}.get(
+        type(value), "a number" if isinstance(value, float) else type(value).__name__
+    )
+
+
+def _history(record: dict[str, Any]) -> list[Message]:
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise RecordError(
+            "history", f"expected a list of [query, response] pairs, got {_kind(history)}"
+        )
+    out = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2):
+            raise RecordError(f"history[{i}]", "expected a [query, response] pair")
+        if not all(isinstance(x, str) and x.strip() for x in pair):
+            raise RecordError(f"history[{i}]", "expected two non-empty strings")
+        out += [Message("user", pair[0]), Message("assistant", pair[1])]
+    return out
+
+
+def _system(record: dict[str, Any]) -> list[Message]:
+    system = _text(record, "system", required=False)
+    return [Message("system", system)] if system.strip() else []
+
+
+def from_alpaca(record: dict[str, Any]) -> list[Message]:
+    """alpaca: ``instruction`` (+ ``input``) is the user turn, ``output`` the reply."""
+    instruction = _text(record, "instruction", required=True)
+    extra = _text(record, "input", required=False)
+    output = _text(record, "output", required=True)
+    query = f"{instruction}\n{extra}" if extra.strip() else instruction
+    return [
+        *_system(record),
+        *_history(record),
+        Message("user", query),
+        Message("assistant", output),
+    ]
+
+
+def from_query_response(record: dict[str, Any]) -> list[Message]:
+    """``query``/``response`` (+ ``history``, ``system``), ms-swift's own format."""
+    query = _text(record, "query", required=True)
+    response = _text(record, "response", required=True)
+    return [
+        *_system(record),
+        *_history(record),
+        Message("user", query),
+        Message("assistant", response),
+    ]
+
+
+def _turns(
+    record: dict[str, Any], key: str, role_key: str, text_key: str, roles: dict
+) -> list[Message]:
+    turns = record[key]
+    if not isinstance(turns, list) or not turns:
+        raise RecordError(key, f"expected a non-empty list of turns, got {_kind(turns)}")
+    out = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise RecordError(where, f"expected an object with '{role_key}' and '{text_key}'")
+        role = turn.get(role_key)
+        if role not in roles:
+            raise RecordError(
+                f"{where}.{role_key}", f"unknown role {role!r} (expected one of {', '.join(roles)})"
+            )
+        content = turn.get(text_key)
+        if not isinstance(content, str):
+            raise RecordError(f"{where}.{text_key}", f"expected a string, got {_kind(content)}")
+        out.append(Message(roles[role], content))
+    return out
+
+
+def from_messages(record: dict[str, Any]) -> list[Message]:
+    """OpenAI chat format: ``messages`` = [{"role", "content"}, …]."""
+    return _turns(record, "messages", "role", "content", {r: r for r in ROLES})
+
+
+def from_sharegpt(record: dict[str, Any]) -> list[Message]:
+    """ShareGPT: ``conversations`` = [{"from": human|gpt|system, "value"}, …]."""
+    return [*_system(record), *_turns(record, "conversations", "from", "value", SHAREGPT_ROLES)]
+
+
+FORMATS = {
+    "alpaca": from_alpaca,
+    "query_response": from_query_response,
+    "messages": from_messages,
+    "sharegpt": from_sharegpt,
+}
+
+
+def detect_format(record: dict[str, Any]) -> str:
+    """Name of the format a record is in, from the fields it has."""
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if "query" in record or "response" in record:
+        return "query_response"
+    if "instruction" in record or "output" in record:
+        return "alpaca"
+    raise RecordError(
+        "record",
+        "unrecognised format: expected alpaca (instruction, input, output), query/response, "
+        f"messages or conversations fields; found {', '.join(map(str, record)) or 'none'}",
+    )
+
+
+def check_order(messages: list[Message]) -> None:
+    """Roles must alternate user/assistant after an optional system turn; the last is assistant."""
+    body = messages[1:] if messages and messages[0].role == "system" else messages
+    for i, m in enumerate(body):
+        if m.role == "system":
+            raise RecordError(f"turn {i + 1}", "a system turn is only allowed first")
+    roles = [m.role for m in body if m.role != "tool"]
+    if not roles or roles[0] != "user":
+        raise RecordError("turn 1", "the first turn after the system prompt must be the user's")
+    if roles[-1] != "assistant":
+        raise RecordError(f"turn {len(body)}", "the last turn must be the assistant's reply")
+    for a, b in itertools.pairwise(roles):
+        if a == b:
+            raise RecordError(
+                "turns", f"two '{a}' turns in a row (expected user and assistant to alternate)"
+            )
+    for i, m in enumerate(body):
+        if m.role == "assistant" and not m.content.strip():
+            raise RecordError(f"turn {i + 1}", "empty assistant reply")
+
+
+def to_conversation(record: Any, where: str, fmt: str | None = None) -> Conversation:
+    """Convert one raw record; raises ``RecordError`` naming the field at fault."""
+    if not isinstance(record, dict):
+        raise RecordError("record", f"expected a JSON object, got {_kind(record)}")
+    messages = FORMATS[fmt or detect_format(record)](record)
+    check_order(messages)
+    return Conversation(messages, origin=where)

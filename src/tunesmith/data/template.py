@@ -1,0 +1,156 @@
+"""Conversation -> ``input_ids`` + ``labels`` with the model tokenizer's own chat template.
+
+Labels are -100 everywhere except the assistant replies and their end-of-turn token, so the
+loss only teaches the model what it should say. Assistant spans are found in characters
+(rendering the conversation up to each reply), then mapped to tokens with the fast
+tokenizer's offsets: this works for any chat template, not one hard-coded format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunesmith.data.messages import Conversation
+
+IGNORE = -100
+
+
+@dataclass
+class Sample:
+    """One tokenized training sample."""
+
+    input_ids: list[int]
+    """Token ids of the whole rendered conversation."""
+    labels: list[int]
+    """``input_ids`` where the model is trained, -100 elsewhere."""
+    origin: str = ""
+    """Where the record came from."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Labels carried from the Conversation (e.g. ``lang``)."""
+
+    @property
+    def n_trained(self) -> int:
+        """Number of tokens that carry loss."""
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+@dataclass
+class EncodeStats:
+    """Counts reported after tokenizing a dataset."""
+
+    samples: int = 0
+    """Samples kept."""
+    deleted: int = 0
+    """Samples dropped because they were longer than --max_length (truncation 'delete')."""
+    truncated: int = 0
+    """Samples cut to --max_length (truncation 'left'/'right')."""
+    no_labels: int = 0
+    """Samples dropped because truncation left no trained token."""
+
+
+def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """The chat template's text for ``messages``."""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def assistant_spans(
+    tokenizer: Any, conv: Conversation, loss_scale: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans of the assistant replies that carry loss.
+
+    Each span runs from the start of the reply to the end of the end-of-turn token
+    (``<|im_end|>`` for ChatML), leaving out what the template adds after it (a newline).
+    """
+    msgs = conv.as_dicts()
+    full = render(tokenizer, msgs, add_generation_prompt=False)
+    eot = tokenizer.eos_token or ""
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start = len(render(tokenizer, msgs[:i], add_generation_prompt=True))
+        upto = render(tokenizer, msgs[: i + 1], add_generation_prompt=False)
+        end = len(upto)
+        if not full.startswith(upto):
+            raise ValueError(
+                f"{conv.origin}: the chat template does not render turns incrementally"
+            )
+        if eot:
+            cut = full.rfind(eot, start, end)
+            if cut >= 0:
+                end = cut + len(eot)
+        spans.append((start, end))
+    if loss_scale == "last_round":
+        spans = spans[-1:]
+    return full, spans
+
+
+def encode(
+    tokenizer: Any,
+    conv: Conversation,
+    *,
+    max_length: int,
+    truncation: str = "delete",
+    loss_scale: str = "default",
+    stats: EncodeStats | None = None,
+) -> Sample | None:
+    """Tokenize one conversation; None when it is dropped (too long, or nothing to learn)."""
+    stats = stats if stats is not None else EncodeStats()
+    text, spans = assistant_spans(tokenizer, conv, loss_scale)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    labels = [IGNORE] * len(ids)
+    k = 0
+    for t, (s, e) in enumerate(enc["offset_mapping"]):
+        while k < len(spans) and spans[k][1] <= s:
+            k += 1
+        if k < len(spans) and spans[k][0] <= s < spans[k][1] and e > s:
+            labels[t] = ids[t]
+    if len(ids) > max_length:
+        if truncation == "delete":
+            stats.deleted += 1
+            return None
+        stats.truncated += 1
+        if truncation == "left":
+            ids, labels = ids[-max_length:], labels[-max_length:]
+        else:
+            ids, labels = ids[:max_length], labels[:max_length]
+    if all(t == IGNORE for t in labels):
+        stats.no_labels += 1
+        return None
+    stats.samples += 1
+    return Sample(ids, labels, conv.origin, conv.tags)
+
+
+def encode_all(
+    tokenizer: Any,
+    convs: list[Conversation],
+    *,
+    system: str | None,
+    max_length: int,
+    truncation: str,
+    loss_scale: str,
+    progress: bool = True,
+) -> tuple[list[Sample], EncodeStats]:
+    """Tokenize a dataset (``--system`` applied where a record has no system prompt)."""
+    from tqdm.auto import tqdm
+
+    stats = EncodeStats()
+    out = []
+    for conv in tqdm(
+        convs, desc="tokenizing", unit="rec", disable=not progress or len(convs) < 500
+    ):
+        sample = encode(
+            tokenizer,
+            conv.with_system(system),
+            max_length=max_length,
+            truncation=truncation,
+            loss_scale=loss_scale,
+            stats=stats,
+        )
+        if sample is not None:
+            out.append(sample)
+    return out, stats

@@ -1,0 +1,1 @@
+"""Inference: generation engine and the chat loop."""

@@ -1,0 +1,154 @@
+"""The ``pt`` inference engine: load base + adapters from a checkpoint alone, and generate."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from tunesmith.config import InferCommandArgs
+from tunesmith.model.load import load_model, load_tokenizer, resolve_dtype, resolve_model
+from tunesmith.utils import UserError, logger
+
+
+@dataclass
+class Engine:
+    """A loaded model ready to answer chat messages."""
+
+    model: Any
+    """The causal LM (with adapters applied)."""
+    tokenizer: Any
+    """Its tokenizer, with the chat template."""
+    system: str | None
+    """Default system prompt (the training run's, unless overridden)."""
+    device: torch.device
+    """Where the model runs."""
+
+
+def run_args(adapter: Path) -> dict[str, Any]:
+    """The ``args.json`` of the run an adapter checkpoint belongs to ({} if there is none)."""
+    for candidate in (adapter / "args.json", adapter.parent / "args.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text(encoding="utf-8"))
+    return {}
+
+
+def check_adapter(path: str) -> Path:
+    """A directory holding a peft adapter, or a UserError naming what is missing."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"--adapters {path}: no such directory")
+    if not (p / "adapter_config.json").is_file():
+        ckpts = sorted(p.glob("checkpoint-*/adapter_config.json"))
+        hint = f" (did you mean {ckpts[-1].parent}?)" if ckpts else ""
+        raise UserError(
+            f"--adapters {path}: no adapter_config.json there, so it is not a LoRA checkpoint "
+            f"directory like output/v0-…/checkpoint-30{hint}"
+        )
+    if not any((p / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise UserError(
+            f"--adapters {path}: the adapter weights (adapter_model.safetensors) are missing"
+        )
+    return p
+
+
+def load_engine(args: InferCommandArgs) -> Engine:
+    """Load the model for ``infer``: ``--model``, or the base recorded with ``--adapters``."""
+    from peft import PeftModel
+
+    adapters = [check_adapter(a) for a in args.adapters]
+    recorded = run_args(adapters[0]) if adapters else {}
+    name = args.model or recorded.get("model")
+    if name is None and adapters:
+        cfg = json.loads((adapters[0] / "adapter_config.json").read_text(encoding="utf-8"))
+        name = cfg.get("base_model_name_or_path")
+    name = name or "demo"
+    system = args.system if args.system is not None else recorded.get("system")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model_dir = resolve_model(name, args.use_hf)
+    dtype = resolve_dtype(args.torch_dtype, device.type)
+    tokenizer = load_tokenizer(adapters[-1] if adapters else model_dir)
+    model = load_model(model_dir, dtype, args.attn_impl, device=device)
+    for i, adapter in enumerate(adapters):
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (RuntimeError, ValueError, KeyError) as e:
+            msg = str(e).splitlines()[0][:200]
+            raise UserError(
+                f"--adapters {adapter}: does not fit the base model {name} ({msg})"
+            ) from None
+        if i < len(adapters) - 1:
+            model = model.merge_and_unload()  # apply adapters in order
+    model.eval()
+    logger.info(f"loaded {name}" + (f" + {', '.join(map(str, adapters))}" if adapters else ""))
+    return Engine(model, tokenizer, system, device)
+
+
+def generation_kwargs(args: InferCommandArgs, tokenizer: Any) -> dict[str, Any]:
+    """``generate`` arguments; unset sampling flags keep the model's generation config."""
+    kw: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if args.temperature is not None:
+        if args.temperature <= 0:
+            kw |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        else:
+            kw |= {"do_sample": True, "temperature": args.temperature}
+    if args.top_p is not None:
+        kw["top_p"] = args.top_p
+    if args.top_k is not None:
+        kw["top_k"] = args.top_k
+    if args.repetition_penalty is not None:
+        kw["repetition_penalty"] = args.repetition_penalty
+    return kw
+
+
+def chat_messages(
+    system: str | None, history: list[dict[str, str]], query: str
+) -> list[dict[str, str]]:
+    """The message list for one turn: system prompt, earlier turns, the new query."""
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    return [*msgs, *history, {"role": "user", "content": query}]
+
+
+class _Printer:
+    """A transformers streamer that writes decoded text to ``out`` as it arrives."""
+
+    def __init__(self, tokenizer: Any, out: TextIO) -> None:
+        from transformers import TextStreamer
+
+        class S(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                out.write(text)
+                out.flush()
+
+        self.streamer = S(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def generate(
+    engine: Engine,
+    messages: list[dict[str, str]],
+    gen_kwargs: dict[str, Any],
+    stream_to: TextIO | None = None,
+) -> str:
+    """Answer ``messages``; with ``stream_to``, tokens are written there as they are made."""
+    tok = engine.tokenizer
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = tok(text, return_tensors="pt", add_special_tokens=False).to(engine.device)
+    streamer = _Printer(tok, stream_to).streamer if stream_to is not None else None
+    out = engine.model.generate(**inputs, **gen_kwargs, streamer=streamer)
+    answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    if stream_to is not None and not answer.endswith("\n"):
+        stream_to.write("\n")
+    return answer
+
+
+def stdout() -> TextIO:
+    """Standard output (a function so tests can capture it)."""
+    return sys.stdout

@@ -1,0 +1,1 @@
+"""Model loading: local dirs, GGUF files, the embedded demo models, hub ids; LoRA."""

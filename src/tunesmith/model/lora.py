@@ -1,0 +1,129 @@
+"""LoRA adapters (peft) and the training loss module."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunesmith.data.template import IGNORE
+
+# Above this many trained tokens per micro-batch the logits are computed in chunks with
+# recomputation, so a long GPU batch never holds an (n_tokens x vocab) fp32 matrix.
+LOGIT_CHUNK = 4096
+
+
+def lora_config(
+    *,
+    rank: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str],
+    modules_to_save: list[str],
+    use_rslora: bool,
+    use_dora: bool,
+) -> Any:
+    """A peft ``LoraConfig`` from ms-swift style flags.
+
+    ``target_modules`` is ``all-linear``, a list of module names, or one regular expression
+    (peft matches a single string as a full-name regex).
+    """
+    from peft import LoraConfig
+
+    targets: str | list[str]
+    if target_modules == ["all-linear"] or target_modules == []:
+        targets = "all-linear"
+    elif len(target_modules) == 1 and re.search(r"[\\.*+?()\[\]|^$]", target_modules[0]):
+        targets = target_modules[0]
+    else:
+        targets = list(target_modules)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        modules_to_save=modules_to_save or None,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def keep_activation_dtype(model: nn.Module) -> None:
+    """Stop peft from casting each LoRA layer's input to fp32 (the adapter weights' dtype).
+
+    Under autocast the fp32 LoRA weights are cast to the compute dtype instead, which is
+    cheap (rank x width); casting the activations costs ~10% of a CPU step.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (LoRA layers stay injected in it)."""
+    get_base = getattr(model, "get_base_model", None)  # PeftModel; plain HF models lack it
+    return get_base() if get_base is not None else model
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a causal LM and returns (sum of token losses, trained tokens, correct tokens).
+
+    The LM head runs only on positions that carry loss: on the self-cognition data a third
+    of the tokens are trained, and the 151,936-wide head is a quarter of a 0.5B model's
+    FLOPs. Returning the *sum* lets the loop normalise by the token count of the whole
+    optimizer step, so gradient accumulation gives the same gradients as one big batch.
+    Accelerate prepares this module (not the inner model), so DDP/FSDP see the whole forward.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss sum, number of trained tokens and number predicted right, for one batch."""
+        lm = hf_model(self.model)
+        hidden = lm.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        h = hidden[:, :-1][keep]
+        t = targets[keep]
+        head = lm.get_output_embeddings()
+        if h.shape[0] <= LOGIT_CHUNK:
+            return _pack(*_ce(head, h, t), t.numel())
+        loss = h.new_zeros((), dtype=torch.float32)
+        correct = t.new_zeros(())
+        for s in range(0, h.shape[0], LOGIT_CHUNK):
+            part_loss, part_correct = torch.utils.checkpoint.checkpoint(
+                _ce, head, h[s : s + LOGIT_CHUNK], t[s : s + LOGIT_CHUNK], use_reentrant=False
+            )
+            loss = loss + part_loss
+            correct = correct + part_correct
+        return _pack(loss, correct, t.numel())
+
+
+def _ce(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(h).float()
+    return F.cross_entropy(logits, t, reduction="sum"), (logits.argmax(-1) == t).sum()
+
+
+def _pack(
+    loss: torch.Tensor, correct: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return loss, torch.tensor(n, device=loss.device), correct

@@ -1,0 +1,1 @@
+"""Training: the SFT loop, checkpoints and tracking."""

@@ -1,0 +1,329 @@
+"""The SFT recipe, top to bottom: data -> model -> Accelerate -> loop -> log -> save."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith.config import SftArgs, to_dict
+from tunesmith.data.collate import collate, pack
+from tunesmith.data.sources import load_datasets
+from tunesmith.data.template import encode_all
+from tunesmith.model.load import load_model, load_tokenizer, resolve_dtype, resolve_model
+from tunesmith.model.lora import CausalLMLoss, keep_activation_dtype, lora_config
+from tunesmith.train.checkpoint import new_run_dir, rotate, save_checkpoint
+from tunesmith.train.track import JsonlLog, memory_gb, plot_curves
+from tunesmith.utils import UserError, logger, seed_everything, write_json
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Multiplier of the peak learning rate at each step: linear warmup, then the schedule."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def sft(args: SftArgs) -> Path:
+    """Fine-tune ``args.model`` on ``args.dataset``; returns the run directory."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from peft import get_peft_model
+    from tqdm.auto import tqdm
+
+    if args.model is None:
+        args.model = "demo"
+    _validate(args)
+    seed_everything(args.seed)
+    run_dir = new_run_dir(Path(args.output_dir), args.add_version)
+    report_to = [r for r in args.report_to if r != "none"]
+    dtype = resolve_dtype(args.torch_dtype, PartialState().device.type)
+    accelerator = Accelerator(
+        # Autocast runs the fp32 LoRA weights in the base's dtype: no fp32 copies of the
+        # activations, and one mixed-precision path on CPU and GPU alike.
+        mixed_precision={"bfloat16": "bf16", "float16": "fp16"}.get(str(dtype)[6:], "no"),
+        log_with=report_to or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    main = accelerator.is_main_process
+
+    # 1. Data: records -> conversations -> token ids + labels (checked before any model load).
+    convs = load_datasets(
+        args.dataset,
+        model_name=args.model_name,
+        model_author=args.model_author,
+        use_hf=args.use_hf,
+        seed=args.seed,
+    )
+    model_dir = resolve_model(args.model, args.use_hf)
+    tokenizer = load_tokenizer(model_dir)
+    samples, stats = encode_all(
+        tokenizer,
+        convs,
+        system=args.system,
+        max_length=args.max_length,
+        truncation=args.truncation_strategy,
+        loss_scale=args.loss_scale,
+    )
+    if not samples:
+        raise UserError(
+            f"no sample left after tokenizing ({stats.deleted} longer than --max_length "
+            f"{args.max_length}, {stats.no_labels} with nothing to learn)"
+        )
+    items: list[Any] = pack(samples, args.max_length) if args.packing else samples
+    n_tokens = sum(len(s.input_ids) for s in samples)
+    n_trained = sum(s.n_trained for s in samples)
+    logger.info(
+        f"{len(samples)} samples, {n_tokens} tokens ({n_trained} trained)"
+        + (f", {len(items)} packs" if args.packing else "")
+        + (f"; {stats.deleted} too long, deleted" if stats.deleted else "")
+        + (f"; {stats.truncated} truncated" if stats.truncated else "")
+    )
+
+    # 2. Model: base in the compute dtype, LoRA weights and optimizer state in fp32.
+    model = load_model(model_dir, dtype, args.attn_impl)
+    model.config.use_cache = False
+    grad_ckpt = args.gradient_checkpointing
+    if grad_ckpt is None:
+        grad_ckpt = accelerator.device.type == "cuda"
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(
+        model,
+        lora_config(
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            target_modules=args.target_modules,
+            modules_to_save=args.modules_to_save,
+            use_rslora=args.use_rslora,
+            use_dora=args.use_dora,
+        ),
+    )
+    keep_activation_dtype(model)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info(
+        f"model {args.model} ({total / 1e6:.0f}M params, {str(dtype).removeprefix('torch.')}), "
+        f"LoRA r={args.lora_rank}: {trainable / 1e6:.2f}M trainable "
+        f"({100 * trainable / total:.2f}%)"
+    )
+
+    # 3. Optimizer, schedule, data loader; Accelerate places and (if distributed) shards them.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        fused=accelerator.device.type == "cuda",
+    )
+    loader = torch.utils.data.DataLoader(
+        items,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=args.dataset_shuffle,
+        generator=torch.Generator().manual_seed(args.seed),
+        collate_fn=lambda b: collate(b, tokenizer.pad_token_id),
+        num_workers=args.dataloader_num_workers,
+    )
+    loss_module = CausalLMLoss(model)
+    loss_module, optimizer, loader = accelerator.prepare(loss_module, optimizer, loader)
+    ga = args.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(len(loader) / ga))
+    total_steps = (
+        args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    )
+    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(args.lr_scheduler_type, warmup, total_steps)
+    )
+
+    # 4. The run directory appears only now that data and model are known to be good.
+    resolved = to_dict(args) | {"model_dir": str(model_dir), "run_dir": str(run_dir)}
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "args.json", resolved)
+        log = JsonlLog(run_dir / "logging.jsonl")
+    if report_to:
+        accelerator.init_trackers("runs", config=_scalar_config(resolved))
+    logger.info(
+        f"training: {total_steps} steps ({steps_per_epoch}/epoch, batch "
+        f"{args.per_device_train_batch_size}x{ga}x{accelerator.num_processes}), output {run_dir}"
+    )
+
+    # 5. The loop. Each optimizer step takes `ga` micro-batches; the loss is normalised by the
+    # trained tokens of the whole step (all micro-batches, all processes), so accumulation
+    # gives the same gradient as one large batch.
+    model.train()
+    step, epoch, seen_tokens, t0 = 0, 0, 0, time.perf_counter()
+    window: dict[str, float] = {"loss": 0.0, "tokens": 0, "trained": 0, "correct": 0, "t": t0}
+    bar = tqdm(
+        total=total_steps,
+        desc="train",
+        unit="step",
+        disable=not main,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+    )
+    last_ckpt = None
+    while step < total_steps:
+        loader.set_epoch(epoch)
+        batches = iter(loader)
+        while step < total_steps:
+            micro = [b for _, b in zip(range(ga), batches, strict=False)]
+            if not micro:
+                break
+            n_step = torch.tensor(
+                sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+                device=accelerator.device,
+            )
+            n_step = accelerator.reduce(n_step, reduction="sum").clamp(min=1)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for i, batch in enumerate(micro):
+                ctx = accelerator.no_sync(loss_module) if i < len(micro) - 1 else _nullctx()
+                with ctx:
+                    loss_sum, n, correct = loss_module(**batch)
+                    # DDP averages gradients over processes: scale by their number to get a
+                    # sum over all tokens, divided by the global token count.
+                    accelerator.backward(loss_sum * accelerator.num_processes / n_step)
+                step_loss += loss_sum.detach()
+                window["correct"] += float(correct)
+                window["tokens"] += batch["input_ids"].numel()
+                seen_tokens += batch["input_ids"].numel()
+                window["trained"] += int(n)
+            grad_norm = None
+            if args.max_grad_norm > 0:
+                grad_norm = float(accelerator.clip_grad_norm_(params, args.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_val = float(accelerator.reduce(step_loss, reduction="sum") / n_step)
+            if not math.isfinite(loss_val):
+                raise UserError(
+                    f"the loss became {loss_val} at step {step}; lower --learning_rate or check "
+                    f"the data (last checkpoint: {last_ckpt or 'none'})"
+                )
+            window["loss"] += loss_val
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if step % args.logging_steps == 0 or step == total_steps:
+                record = _log_record(
+                    window,
+                    step,
+                    steps_per_epoch,
+                    total_steps,
+                    t0,
+                    scheduler,
+                    grad_norm,
+                    args.logging_steps,
+                )
+                if main:
+                    log.write(record)
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                window = {
+                    "loss": 0.0,
+                    "tokens": 0,
+                    "trained": 0,
+                    "correct": 0,
+                    "t": time.perf_counter(),
+                }
+            if step % args.save_steps == 0 or step == total_steps:
+                accelerator.wait_for_everyone()
+                if main:
+                    state = {
+                        "global_step": step,
+                        "max_steps": total_steps,
+                        "epoch": step / steps_per_epoch,
+                    }
+                    last_ckpt = save_checkpoint(
+                        run_dir,
+                        step,
+                        model=accelerator.unwrap_model(loss_module).model,
+                        tokenizer=tokenizer,
+                        args=resolved,
+                        trainer_state=state,
+                    )
+                    rotate(run_dir, args.save_total_limit)
+        epoch += 1
+    bar.close()
+    train_s = time.perf_counter() - t0
+    accelerator.end_training()
+    if main:
+        log.close()
+        plot_curves(run_dir / "logging.jsonl", run_dir / "images")
+        logger.info(
+            f"trained {step} steps in {train_s:.1f}s ({seen_tokens / train_s:.0f} tokens/s per "
+            f"process); last checkpoint: {last_ckpt}"
+        )
+    return run_dir
+
+
+class _nullctx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _log_record(
+    window, step, steps_per_epoch, total_steps, t0, scheduler, grad_norm, every
+) -> dict:
+    now = time.perf_counter()
+    span = max(now - window["t"], 1e-9)
+    n = every if step % every == 0 else step % every
+    elapsed = now - t0
+    return {
+        "step": step,
+        "epoch": round(step / steps_per_epoch, 4),
+        "loss": round(window["loss"] / n, 6),
+        "token_acc": round(window["correct"] / max(1, window["trained"]), 4),
+        "lr": scheduler.get_last_lr()[0],
+        "grad_norm": None if grad_norm is None else round(grad_norm, 6),
+        "tokens_per_s": round(window["tokens"] / span, 1),
+        "trained_tokens_per_s": round(window["trained"] / span, 1),
+        "memory_gb": round(memory_gb(), 3),
+        "elapsed_s": round(elapsed, 2),
+        "remaining_s": round(elapsed / step * (total_steps - step), 2),
+    }
+
+
+def _scalar_config(d: dict) -> dict:
+    """TensorBoard's hparams accept scalars only."""
+    return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in d.items()}
+
+
+def _validate(args: SftArgs) -> None:
+    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "max_length"]
+    positive += ["logging_steps", "save_steps", "lora_rank"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise UserError("--num_train_epochs must be positive (or give --max_steps)")
+    if not 0 <= args.warmup_ratio < 1:
+        raise UserError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.eval_steps and not (args.val_dataset or args.split_dataset_ratio):
+        logger.info(
+            "note: --eval_steps is set but there is no validation data; nothing to evaluate"
+        )
