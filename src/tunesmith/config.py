@@ -111,7 +111,11 @@ class DataArgs:
         None, "JSON column remapping", todo="column remapping (issue: data pipeline)"
     )
     dataset_shuffle: bool = arg(True, "shuffle the training records every epoch")
-    dataset_num_proc: int = arg(1, "processes used to tokenize the dataset")
+    dataset_num_proc: int = arg(
+        1,
+        "processes used to tokenize the dataset",
+        todo="parallel tokenization (issue: data pipeline)",
+    )
     model_name: list[str] | None = arg(
         None,
         "the new model's name for the self-cognition data: one name, or a Chinese and an "

@@ -11,7 +11,13 @@ from typing import Any, TextIO
 import torch
 
 from tunesmith.config import InferCommandArgs
-from tunesmith.model.load import load_model, load_tokenizer, resolve_dtype, resolve_model
+from tunesmith.model.load import (
+    check_model_type,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model,
+)
 from tunesmith.utils import UserError, logger
 
 
@@ -70,6 +76,7 @@ def load_engine(args: InferCommandArgs) -> Engine:
     system = args.system if args.system is not None else recorded.get("system")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = resolve_model(name, args.use_hf)
+    check_model_type(model_dir, args.model_type, args.template)
     dtype = resolve_dtype(args.torch_dtype, device.type)
     tokenizer = load_tokenizer(adapters[-1] if adapters else model_dir)
     model = load_model(model_dir, dtype, args.attn_impl, device=device)

