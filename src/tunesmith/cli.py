@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import InferCommandArgs, SftArgs
+from tunesmith.config import DataCommandArgs, InferCommandArgs, SftArgs
 from tunesmith.utils import UserError, logger, setup_logging
 
 TRUE = {"true", "1", "yes", "y", "on"}
@@ -213,7 +213,21 @@ def cmd_infer(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"sft": cmd_sft, "infer": cmd_infer}
+def cmd_data(argv: list[str]) -> int:
+    """``tunesmith data``: validate a dataset, print statistics and a rendered preview."""
+    args = parse_args(
+        DataCommandArgs,
+        "tunesmith data",
+        "Check a dataset and see exactly what the model will learn from it.",
+        argv,
+    )
+    from tunesmith.data.report import data_command
+
+    print(data_command(args))
+    return 0
+
+
+COMMANDS = {"sft": cmd_sft, "infer": cmd_infer, "data": cmd_data}
 
 USAGE = """usage: tunesmith COMMAND [flags]
 
@@ -225,6 +239,8 @@ commands:
            tunesmith sft --model demo --dataset self-cognition --model_name 小智 --model_author 星河
   infer    chat with a model or a checkpoint
            tunesmith infer --adapters output/v0-.../checkpoint-30
+  data     check a dataset: statistics and a preview of what is trained
+           tunesmith data --dataset my.jsonl --model demo
 
 `tunesmith COMMAND --help` lists every flag of a command with its default.
 """

@@ -94,28 +94,27 @@ class DataArgs:
         "datasets: local .json/.jsonl files (alpaca format), 'self-cognition' (builtin), or "
         "hub ids; 'name#N' samples N records",
     )
-    val_dataset: list[str] = arg(
-        [], "validation datasets", todo="evaluation during training (issue: training engine)"
-    )
+    val_dataset: list[str] = arg([], "validation datasets (same forms as --dataset)")
     split_dataset_ratio: float = arg(
-        0.0,
-        "fraction of the training data held out for validation",
-        todo="evaluation during training (issue: training engine)",
+        0.0, "fraction of the training records held out for validation (without --val_dataset)"
     )
     dataset_probs: str | None = arg(
         None,
-        "mixing probabilities, e.g. '0.4:0.4:0.2'",
-        todo="dataset mixing (issue: data pipeline)",
+        "interleave the datasets with these probabilities, e.g. '0.4:0.4:0.2' (until the "
+        "first runs out); without it they are concatenated",
     )
     columns: str | None = arg(
-        None, "JSON column remapping", todo="column remapping (issue: data pipeline)"
+        None, 'rename columns before reading, e.g. \'{"question": "query", "answer": "response"}\''
     )
+    dataset_format: str | None = arg(
+        None,
+        "record format, detected per record when not given",
+        choices=("alpaca", "query_response", "messages", "sharegpt"),
+    )
+    strict: bool = arg(True, "a bad record stops the run (true) or is skipped and counted (false)")
     dataset_shuffle: bool = arg(True, "shuffle the training records every epoch")
-    dataset_num_proc: int = arg(
-        1,
-        "processes used to tokenize the dataset",
-        todo="parallel tokenization (issue: data pipeline)",
-    )
+    seed: int = arg(42, "random seed for sampling, mixing, data order, dropout and init")
+    dataset_num_proc: int = arg(1, "processes used to tokenize the dataset")
     model_name: list[str] | None = arg(
         None,
         "the new model's name for the self-cognition data: one name, or a Chinese and an "
@@ -163,7 +162,6 @@ class TrainArgs:
     eval_steps: int | None = arg(None, "evaluate every N steps (needs validation data)")
     save_steps: int = arg(500, "save a checkpoint every N steps; the last step is always saved")
     save_total_limit: int | None = arg(None, "keep only the newest N checkpoints")
-    seed: int = arg(42, "random seed for data order, dropout and initialisation")
     dataloader_num_workers: int = arg(0, "worker processes feeding the training loop")
     lora_rank: int = arg(8, "LoRA rank r")
     lora_alpha: int = arg(32, "LoRA alpha (scaling = alpha / r)")
@@ -222,6 +220,15 @@ class InferArgs:
     max_model_len: int | None = arg(
         None, "vLLM context length", todo="the vLLM backend (issue: inference and export)"
     )
+
+
+@dataclass
+class DataCommandArgs(DataArgs, TemplateArgs, ModelArgs):
+    """Everything ``tunesmith data`` takes."""
+
+    packing: bool = arg(False, "also report how the samples would pack into --max_length")
+    preview: int = arg(2, "rendered samples to show, trained tokens highlighted")
+    color: str = arg("auto", "highlight with terminal colours", choices=("auto", "always", "never"))
 
 
 @dataclass

@@ -50,7 +50,9 @@ def collate(batch: list[list[Sample]] | list[Sample], pad_id: int) -> dict[str, 
         pos: list[int] = []
         for s in parts:
             ids += s.input_ids
-            labels += s.labels
+            # A sample's first token is never predicted from inside the sample; in a packed row
+            # it would be predicted from the previous sample's last token, so it carries no loss.
+            labels += [IGNORE, *s.labels[1:]]
             pos += range(len(s.input_ids))
         rows_ids.append(ids)
         rows_labels.append(labels)

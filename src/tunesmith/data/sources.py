@@ -1,7 +1,9 @@
-"""Where records come from: local files, the builtin self-cognition set, hub datasets.
+"""Where records come from, and how datasets are sampled, mixed and split.
 
-``load_datasets`` turns the ``--dataset`` values into one list of ``Conversation``; every bad
-record of every file is reported at once as ``file:line: field: problem``.
+A ``--dataset`` value is a local file or folder, the builtin ``self-cognition`` set, or a hub
+id (``org/name``, ``org/name:subset``), each optionally ``#N`` (a seeded sample of N records).
+Hub ids are looked up first in the local mirror ``$TUNESMITH_CACHE/datasets/org/name(.jsonl|
+/)``, then through HF ``datasets`` (or ModelScope), which keep their own caches.
 """
 
 from __future__ import annotations
@@ -9,18 +11,48 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunesmith.data.formats import RecordError, RecordProblem, to_conversation
 from tunesmith.data.messages import Conversation, Message
+from tunesmith.data.readers import SUFFIXES, read_records
 from tunesmith.data.self_cognition import parse_name_pair, self_cognition_records
-from tunesmith.utils import UserError, logger
+from tunesmith.utils import UserError, cache_dir
 
 BUILTIN_SELF_COGNITION = {"self-cognition", "swift/self-cognition", "self_cognition"}
-LOCAL_SUFFIXES = {".json", ".jsonl"}
 MAX_SHOWN = 20
+
+
+@dataclass
+class DataOptions:
+    """How raw records are read (from the data flags)."""
+
+    model_name: list[str] | None = None
+    """--model_name, for the self-cognition set."""
+    model_author: list[str] | None = None
+    """--model_author, for the self-cognition set."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """--columns: raw field name -> the name tunesmith expects."""
+    fmt: str | None = None
+    """--dataset_format: force one record format instead of detecting it."""
+    strict: bool = True
+    """--strict: a bad record is an error (True) or skipped and counted (False)."""
+    use_hf: bool = True
+    """Load hub datasets from Hugging Face (False: ModelScope)."""
+    seed: int = 42
+    """Seed for ``#N`` samples, mixing and splitting."""
+
+
+@dataclass
+class Loaded:
+    """Records of all sources, with the problems found on the way."""
+
+    parts: list[tuple[str, list[Conversation]]] = field(default_factory=list)
+    """(spec, its records) per ``--dataset`` value, in order."""
+    problems: list[RecordProblem] = field(default_factory=list)
+    """Every bad record, all sources together."""
 
 
 def split_spec(spec: str) -> tuple[str, int | None]:
@@ -33,96 +65,33 @@ def split_spec(spec: str) -> tuple[str, int | None]:
 
 def sample(records: list[Any], n: int | None, seed: int) -> list[Any]:
     """A seeded random sample of ``n`` records; larger ``n`` repeats the data (as ms-swift)."""
-    if n is None:
-        return records
-    if not records:
+    if n is None or not records:
         return records
     rng = random.Random(seed)
     whole, rest = divmod(n, len(records))
-    out = records * whole
-    out += rng.sample(records, rest)
-    return out
+    return records * whole + rng.sample(records, rest)
 
 
-def _decode(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8"
-        ) from None
+def datasets_mirror() -> Path:
+    """The local folder searched first for hub dataset ids (``org/name``)."""
+    return cache_dir() / "datasets"
 
 
-def _read_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    """Yield (line, element) of a top-level JSON array, keeping each element's line number."""
-    decoder = json.JSONDecoder()
-    i = _skip_ws(text, 0)
-    if i >= len(text) or text[i] != "[":
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg == "Extra data":  # JSON Lines saved under a .json name
-                yield from _read_jsonl(path, text)
-                return
-            raise UserError(
-                f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})"
-            ) from None
-        if isinstance(obj, dict):
-            yield text[:i].count("\n") + 1, obj
-            return
-        raise UserError(f"{path}:1: expected a JSON array of records or JSON Lines")
-    i = _skip_ws(text, i + 1)
-    if i < len(text) and text[i] == "]":
-        return
-    while True:
-        try:
-            obj, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})"
-            ) from None
-        yield text.count("\n", 0, i) + 1, obj
-        i = _skip_ws(text, end)
-        if i < len(text) and text[i] == ",":
-            i = _skip_ws(text, i + 1)
-            continue
-        if i < len(text) and text[i] == "]":
-            return
-        line = text.count("\n", 0, i) + 1
-        raise UserError(f"{path}:{line}: invalid JSON (expected ',' or ']' between records)")
-
-
-def _skip_ws(text: str, i: int) -> int:
-    while i < len(text) and text[i] in " \t\r\n":
-        i += 1
-    return i
-
-
-def _read_jsonl(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno})") from None
-
-
-def read_local(path: Path, problems: list[RecordProblem]) -> list[Conversation]:
-    """Read a .json or .jsonl file; bad records are appended to ``problems``."""
-    text = _decode(path)
-    if not text.strip():
-        raise UserError(f"{path}: the file is empty (expected records)")
-    lines = _read_jsonl(path, text) if path.suffix == ".jsonl" else _read_json_array(path, text)
+def _convert(
+    rows: Any, origin: str, opts: DataOptions, loaded: Loaded, tag: str
+) -> list[Conversation]:
     out = []
-    for line, record in lines:
-        where = f"{path}:{line}"
+    for line, record in rows:
+        where = f"{origin}:{line}"
+        if opts.columns and isinstance(record, dict):
+            record = {opts.columns.get(k, k): v for k, v in record.items()}
         try:
-            out.append(to_conversation(record, where))
+            conv = to_conversation(record, where, opts.fmt)
         except RecordError as e:
-            problems.append(RecordProblem(where, e.field, e.message))
+            loaded.problems.append(RecordProblem(where, e.field, e.message))
+            continue
+        conv.tags["source"] = tag
+        out.append(conv)
     return out
 
 
@@ -145,94 +114,191 @@ def builtin_self_cognition(name: list[str] | None, author: list[str] | None) -> 
     return out
 
 
-def load_hub(name: str, use_hf: bool) -> list[Conversation]:
-    """A hub dataset through HF ``datasets`` (ModelScope with ``use_hf=False``)."""
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(
-            f"--dataset {name}: not a local file; loading hub datasets needs the 'datasets' "
-            "package (pip install datasets), or save the data as a local .jsonl file"
-        ) from None
-    try:
-        subset = None
-        if ":" in name:
-            name, subset = name.split(":", 1)
-        ds = datasets.load_dataset(name, subset, split="train")
-    except Exception as e:
-        raise UserError(
-            f"--dataset {name}: could not load it from the hub ({type(e).__name__}); "
-            "check the name and your connection, or pass a local .json/.jsonl copy"
-        ) from None
-    problems: list[RecordProblem] = []
-    out = []
-    for i, record in enumerate(ds, 1):
+def _local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix.lower() not in SUFFIXES:
+            raise UserError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)})")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    if not files:
+        raise UserError(f"{path}: the folder has no {', '.join(SUFFIXES)} files")
+    return files
+
+
+def _mirror(name: str) -> Path | None:
+    base = datasets_mirror() / name
+    if base.is_dir():
+        return base
+    for suffix in SUFFIXES:
+        if (candidate := base.with_name(base.name + suffix)).is_file():
+            return candidate
+    return None
+
+
+def _hub_rows(name: str, subset: str | None, use_hf: bool) -> Any:
+    """Rows of a hub dataset's train split, or one clear sentence when it cannot be had."""
+    where = datasets_mirror() / f"{name}.jsonl"
+    hint = f"download it once online, or save it locally as {where}"
+    errors = []
+    if use_hf:
         try:
-            out.append(to_conversation(dict(record), f"{name}:{i}"))
-        except RecordError as e:
-            problems.append(RecordProblem(f"{name}:{i}", e.field, e.message))
-    raise_problems(problems)
+            import datasets
+
+            ds = datasets.load_dataset(name, subset, split="train")
+            return [(i, dict(r)) for i, r in enumerate(ds, 1)]
+        except ImportError:
+            errors.append("the 'datasets' package is not installed (pip install datasets)")
+        except Exception as e:  # offline, unknown name, …: the hub raises many types
+            errors.append(f"Hugging Face: {type(e).__name__}")
+    try:
+        from modelscope.msdatasets import MsDataset
+
+        ds = MsDataset.load(name, subset_name=subset or "default", split="train")
+        return [(i, dict(r)) for i, r in enumerate(ds, 1)]
+    except ImportError:
+        if not use_hf:
+            errors.append("ModelScope is not installed (pip install modelscope)")
+    except Exception as e:
+        errors.append(f"ModelScope: {type(e).__name__}")
+    raise UserError(f"dataset '{name}' is not available ({'; '.join(errors)}); {hint}")
+
+
+def load_spec(spec: str, opts: DataOptions, loaded: Loaded) -> list[Conversation]:
+    """Load one ``--dataset`` value with its ``#N`` sample; bad records go to ``loaded``."""
+    name, n = split_spec(spec)
+    path = Path(name).expanduser()
+    if name in BUILTIN_SELF_COGNITION and not path.exists():
+        records = builtin_self_cognition(opts.model_name, opts.model_author)
+        for c in records:
+            c.tags["source"] = spec
+    elif path.exists():
+        records = []
+        for f in _local_files(path):
+            records += _convert(read_records(f), str(f), opts, loaded, spec)
+    elif name.startswith((".", "/", "~")) or path.suffix.lower() in SUFFIXES:
+        raise UserError(f"--dataset {spec}: no such file or folder")
+    elif (mirror := _mirror(name.split(":")[0])) is not None:
+        records = []
+        for f in _local_files(mirror):
+            records += _convert(read_records(f), str(f), opts, loaded, spec)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", name):
+        repo, _, subset = name.partition(":")
+        records = _convert(_hub_rows(repo, subset or None, opts.use_hf), repo, opts, loaded, spec)
+    else:
+        raise UserError(
+            f"--dataset {spec}: not a local file or folder, 'self-cognition', or a hub id "
+            "(org/name)"
+        )
+    return sample(records, n, opts.seed)
+
+
+def report_problems(problems: list[RecordProblem], strict: bool) -> str | None:
+    """Raise (strict) or describe (not strict) the bad records; None when there are none."""
+    if not problems:
+        return None
+    shown = "\n  ".join(str(p) for p in problems[:MAX_SHOWN])
+    more = f"\n  … and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
+    if strict:
+        raise UserError(
+            f"{len(problems)} bad record(s) in the dataset (fix them, or pass --strict false "
+            f"to skip them):\n  {shown}{more}"
+        )
+    return f"skipped {len(problems)} bad record(s) (--strict false):\n  {shown}{more}"
+
+
+def mix(
+    parts: list[list[Conversation]], probs: list[float] | None, seed: int
+) -> list[Conversation]:
+    """Concatenate, or interleave by probability until the first source runs out."""
+    if probs is None:
+        return [c for p in parts for c in p]
+    if len(probs) != len(parts):
+        raise UserError(f"--dataset_probs has {len(probs)} values for {len(parts)} datasets")
+    if any(p < 0 for p in probs) or sum(probs) <= 0:
+        raise UserError("--dataset_probs must be non-negative and not all zero")
+    rng = random.Random(seed)
+    cursors = [0] * len(parts)
+    out = []
+    live = [i for i, p in enumerate(probs) if p > 0 and parts[i]]
+    while live:
+        i = rng.choices(live, weights=[probs[j] for j in live])[0]
+        out.append(parts[i][cursors[i]])
+        cursors[i] += 1
+        if cursors[i] == len(parts[i]):
+            break  # the first exhausted source ends the mix, so the proportions hold
     return out
 
 
-def raise_problems(problems: list[RecordProblem]) -> None:
-    """Raise one UserError listing the first problems and how many there are in all."""
-    if not problems:
-        return
-    shown = "\n  ".join(str(p) for p in problems[:MAX_SHOWN])
-    more = f"\n  … and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
-    raise UserError(f"{len(problems)} bad record(s) in the dataset:\n  {shown}{more}")
+def split_val(
+    records: list[Conversation], ratio: float, seed: int
+) -> tuple[list[Conversation], list[Conversation]]:
+    """Hold out ``ratio`` of the records (at least one) for validation, chosen by ``seed``."""
+    if ratio <= 0:
+        return records, []
+    if not 0 < ratio < 1:
+        raise UserError(f"--split_dataset_ratio must be in [0, 1), got {ratio}")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    k = max(1, round(len(records) * ratio))
+    val = set(order[:k])
+    return [r for i, r in enumerate(records) if i not in val], [records[i] for i in sorted(val)]
 
 
-def load_dataset_spec(
-    spec: str,
-    *,
-    model_name: list[str] | None,
-    model_author: list[str] | None,
-    use_hf: bool,
-    seed: int,
+def parse_columns(value: str | None) -> dict[str, str]:
+    """``--columns '{"question": "query"}'`` as a dict (also ``question:query,answer:response``)."""
+    if not value:
+        return {}
+    try:
+        mapping = json.loads(value)
+    except json.JSONDecodeError:
+        pairs = [p.split(":", 1) for p in value.split(",") if p.strip()]
+        if not all(len(p) == 2 for p in pairs):
+            raise UserError(
+                f'--columns {value!r}: expected JSON like \'{{"question": "query"}}\''
+            ) from None
+        mapping = {a.strip(): b.strip() for a, b in pairs}
+    if not isinstance(mapping, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+    ):
+        raise UserError(f"--columns {value!r}: expected an object of column names")
+    return mapping
+
+
+def parse_probs(value: str | None) -> list[float] | None:
+    """``--dataset_probs '0.4:0.4:0.2'`` (also comma- or space-separated)."""
+    if not value:
+        return None
+    try:
+        return [float(x) for x in re.split(r"[:,\s]+", value.strip()) if x]
+    except ValueError:
+        raise UserError(f"--dataset_probs {value!r}: expected numbers like 0.4:0.4:0.2") from None
+
+
+def read_local(
+    path: Path, problems: list[RecordProblem], opts: DataOptions | None = None
 ) -> list[Conversation]:
-    """Load one ``--dataset`` value (with its ``#N`` sample)."""
-    name, n = split_spec(spec)
-    path = Path(name).expanduser()
-    problems: list[RecordProblem] = []
-    if name in BUILTIN_SELF_COGNITION and not path.exists():
-        records = builtin_self_cognition(model_name, model_author)
-    elif path.is_file():
-        if path.suffix not in LOCAL_SUFFIXES:
-            raise UserError(f"--dataset {spec}: unsupported file type (expected .json or .jsonl)")
-        records = read_local(path, problems)
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES)
-        if not files:
-            raise UserError(f"--dataset {spec}: the folder has no .json or .jsonl files")
-        records = [c for f in files for c in read_local(f, problems)]
-    elif name.startswith((".", "/", "~")) or Path(name).suffix in LOCAL_SUFFIXES:
-        raise UserError(f"--dataset {spec}: no such file")
-    else:
-        records = load_hub(name, use_hf)
-    raise_problems(problems)
-    return sample(records, n, seed)
+    """Conversations of one local file; its bad records are appended to ``problems``."""
+    loaded = Loaded()
+    out = _convert(read_records(Path(path)), str(path), opts or DataOptions(), loaded, str(path))
+    problems.extend(loaded.problems)
+    return out
 
 
 def load_datasets(
     specs: list[str],
     *,
-    model_name: list[str] | None,
-    model_author: list[str] | None,
-    use_hf: bool,
-    seed: int,
+    model_name: list[str] | None = None,
+    model_author: list[str] | None = None,
+    use_hf: bool = True,
+    seed: int = 42,
 ) -> list[Conversation]:
-    """All ``--dataset`` values concatenated; an empty result is an error, not a zero-step run."""
+    """All ``specs`` concatenated, every bad record of every source reported in one error."""
     if not specs:
         raise UserError("no training data: pass --dataset FILE (or 'self-cognition')")
-    out: list[Conversation] = []
-    for spec in specs:
-        part = load_dataset_spec(
-            spec, model_name=model_name, model_author=model_author, use_hf=use_hf, seed=seed
-        )
-        logger.info(f"dataset {spec}: {len(part)} records")
-        out.extend(part)
+    opts = DataOptions(model_name=model_name, model_author=model_author, use_hf=use_hf, seed=seed)
+    loaded = Loaded()
+    out = [c for spec in specs for c in load_spec(spec, opts, loaded)]
+    report_problems(loaded.problems, strict=True)
     if not out:
         raise UserError(f"the datasets {' '.join(specs)} contain no records")
     return out

@@ -98,13 +98,27 @@ def encode(
     stats: EncodeStats | None = None,
 ) -> Sample | None:
     """Tokenize one conversation; None when it is dropped (too long, or nothing to learn)."""
-    stats = stats if stats is not None else EncodeStats()
     text, spans = assistant_spans(tokenizer, conv, loss_scale)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = enc["input_ids"]
+    return finish(
+        conv, enc["input_ids"], enc["offset_mapping"], spans, max_length, truncation, stats
+    )
+
+
+def finish(
+    conv: Conversation,
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    spans: list[tuple[int, int]],
+    max_length: int,
+    truncation: str,
+    stats: EncodeStats | None,
+) -> Sample | None:
+    """Labels from token offsets and assistant spans, then truncation; None when dropped."""
+    stats = stats if stats is not None else EncodeStats()
     labels = [IGNORE] * len(ids)
     k = 0
-    for t, (s, e) in enumerate(enc["offset_mapping"]):
+    for t, (s, e) in enumerate(offsets):
         while k < len(spans) and spans[k][1] <= s:
             k += 1
         if k < len(spans) and spans[k][0] <= s < spans[k][1] and e > s:
@@ -122,7 +136,30 @@ def encode(
         stats.no_labels += 1
         return None
     stats.samples += 1
-    return Sample(ids, labels, conv.origin, conv.tags)
+    return Sample(list(ids), labels, conv.origin, conv.tags)
+
+
+def encode_batch(
+    tokenizer: Any,
+    convs: list[Conversation],
+    *,
+    max_length: int,
+    truncation: str,
+    loss_scale: str,
+) -> tuple[list[Sample | None], EncodeStats]:
+    """Tokenize many conversations at once (the fast tokenizer batches in Rust)."""
+    stats = EncodeStats()
+    rendered = [assistant_spans(tokenizer, c, loss_scale) for c in convs]
+    enc = tokenizer(
+        [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
+    )
+    out = [
+        finish(c, ids, offs, spans, max_length, truncation, stats)
+        for c, ids, offs, (_, spans) in zip(
+            convs, enc["input_ids"], enc["offset_mapping"], rendered, strict=True
+        )
+    ]
+    return out, stats
 
 
 def encode_all(
@@ -131,26 +168,15 @@ def encode_all(
     *,
     system: str | None,
     max_length: int,
-    truncation: str,
-    loss_scale: str,
-    progress: bool = True,
+    truncation: str = "delete",
+    loss_scale: str = "default",
 ) -> tuple[list[Sample], EncodeStats]:
-    """Tokenize a dataset (``--system`` applied where a record has no system prompt)."""
-    from tqdm.auto import tqdm
-
-    stats = EncodeStats()
-    out = []
-    for conv in tqdm(
-        convs, desc="tokenizing", unit="rec", disable=not progress or len(convs) < 500
-    ):
-        sample = encode(
-            tokenizer,
-            conv.with_system(system),
-            max_length=max_length,
-            truncation=truncation,
-            loss_scale=loss_scale,
-            stats=stats,
-        )
-        if sample is not None:
-            out.append(sample)
-    return out, stats
+    """Tokenize a dataset in memory (``--system`` applied where a record has none)."""
+    out, stats = encode_batch(
+        tokenizer,
+        [c.with_system(system) for c in convs],
+        max_length=max_length,
+        truncation=truncation,
+        loss_scale=loss_scale,
+    )
+    return [s for s in out if s is not None], stats

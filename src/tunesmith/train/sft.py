@@ -12,8 +12,7 @@ import torch
 
 from tunesmith.config import SftArgs, to_dict
 from tunesmith.data.collate import collate, pack
-from tunesmith.data.sources import load_datasets
-from tunesmith.data.template import encode_all
+from tunesmith.data.prepare import load_conversations, prepare
 from tunesmith.model.load import (
     check_model_type,
     load_model,
@@ -67,38 +66,24 @@ def sft(args: SftArgs) -> Path:
     )
     main = accelerator.is_main_process
 
-    # 1. Data: records -> conversations -> token ids + labels (checked before any model load).
-    convs = load_datasets(
-        args.dataset,
-        model_name=args.model_name,
-        model_author=args.model_author,
-        use_hf=args.use_hf,
-        seed=args.seed,
-    )
+    # 1. Data: records -> conversations -> token ids + labels; every record is checked before
+    # the model is even resolved, so a bad file fails in seconds.
+    conversations = load_conversations(args)
     model_dir = resolve_model(args.model, args.use_hf)
     check_model_type(model_dir, args.model_type, args.template)
     tokenizer = load_tokenizer(model_dir)
-    samples, stats = encode_all(
-        tokenizer,
-        convs,
-        system=args.system,
-        max_length=args.max_length,
-        truncation=args.truncation_strategy,
-        loss_scale=args.loss_scale,
-    )
-    if not samples:
-        raise UserError(
-            f"no sample left after tokenizing ({stats.deleted} longer than --max_length "
-            f"{args.max_length}, {stats.no_labels} with nothing to learn)"
-        )
+    data = prepare(args, tokenizer, progress=main, loaded=conversations)
+    samples = data.train
     items: list[Any] = pack(samples, args.max_length) if args.packing else samples
+    if args.packing:
+        logger.info(
+            packing_report(samples, items, args.per_device_train_batch_size, args.max_length)
+        )
     n_tokens = sum(len(s.input_ids) for s in samples)
     n_trained = sum(s.n_trained for s in samples)
     logger.info(
         f"{len(samples)} samples, {n_tokens} tokens ({n_trained} trained)"
-        + (f", {len(items)} packs" if args.packing else "")
-        + (f"; {stats.deleted} too long, deleted" if stats.deleted else "")
-        + (f"; {stats.truncated} truncated" if stats.truncated else "")
+        + (f", {len(data.val)} validation samples" if data.val else "")
     )
 
     # 2. Model: base in the compute dtype, LoRA weights and optimizer state in fp32.
@@ -150,8 +135,15 @@ def sft(args: SftArgs) -> Path:
         collate_fn=lambda b: collate(b, tokenizer.pad_token_id),
         num_workers=args.dataloader_num_workers,
     )
+    val_loader = torch.utils.data.DataLoader(
+        data.val,
+        batch_size=args.per_device_eval_batch_size,
+        collate_fn=lambda b: collate(b, tokenizer.pad_token_id),
+    )
     loss_module = CausalLMLoss(model)
-    loss_module, optimizer, loader = accelerator.prepare(loss_module, optimizer, loader)
+    loss_module, optimizer, loader, val_loader = accelerator.prepare(
+        loss_module, optimizer, loader, val_loader
+    )
     ga = args.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(len(loader) / ga))
     total_steps = (
@@ -252,6 +244,17 @@ def sft(args: SftArgs) -> Path:
                     "correct": 0,
                     "t": time.perf_counter(),
                 }
+            if data.val and (
+                step == total_steps or (args.eval_steps and step % args.eval_steps == 0)
+            ):
+                record = {"step": step, **evaluate(loss_module, val_loader, accelerator)}
+                if main:
+                    log.write(record)
+                    bar.write(
+                        f"step {step}: eval_loss {record['eval_loss']:.4f}, "
+                        f"eval_token_acc {record['eval_token_acc']:.3f}"
+                    )
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
             if step % args.save_steps == 0 or step == total_steps:
                 accelerator.wait_for_everyone()
                 if main:
@@ -281,6 +284,43 @@ def sft(args: SftArgs) -> Path:
             f"process); last checkpoint: {last_ckpt}"
         )
     return run_dir
+
+
+@torch.no_grad()
+def evaluate(loss_module: Any, loader: Any, accelerator: Any) -> dict[str, float]:
+    """Token-weighted loss and next-token accuracy over the validation set, all processes."""
+    loss_module.eval()
+    total = torch.zeros(3, device=accelerator.device)
+    for batch in loader:
+        loss_sum, n, correct = loss_module(**batch)
+        total += torch.stack([loss_sum.float(), n.float(), correct.float()])
+    total = accelerator.reduce(total, reduction="sum")
+    loss_module.train()
+    n = max(float(total[1]), 1.0)
+    return {
+        "eval_loss": round(float(total[0]) / n, 6),
+        "eval_token_acc": round(float(total[2]) / n, 4),
+    }
+
+
+def packing_report(samples: list, packs: list, batch_size: int, max_length: int) -> str:
+    """How full the packed sequences are, and the padding packing saves at this batch size."""
+
+    def padding(rows: list[int]) -> int:
+        pad = 0
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            pad += max(chunk) * len(chunk) - sum(chunk)
+        return pad
+
+    plain = [len(s.input_ids) for s in samples]
+    packed = [sum(len(s.input_ids) for s in p) for p in packs]
+    fill = sum(packed) / (len(packs) * max_length)
+    return (
+        f"packed {len(samples)} samples into {len(packs)} sequences ({fill:.0%} of "
+        f"--max_length {max_length} used); padding at batch size {batch_size}: "
+        f"{padding(plain)} tokens unpacked, {padding(packed)} packed"
+    )
 
 
 class _nullctx:
