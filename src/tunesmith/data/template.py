@@ -72,14 +72,19 @@ def assistant_spans(
         if m["role"] != "assistant":
             continue
         start = len(render(tokenizer, msgs[:i], add_generation_prompt=True))
-        upto = render(tokenizer, msgs[: i + 1], add_generation_prompt=False)
-        end = len(upto)
-        if not full.startswith(upto):
-            raise ValueError(
-                f"{conv.origin}: the chat template does not render turns incrementally"
-            )
-        if eot:
-            cut = full.rfind(eot, start, end)
+        end = start + len(m["content"])
+        # Fast path (one render per reply): the template copied the reply verbatim and closed
+        # it with the end-of-turn token. Otherwise render up to the reply to find its end.
+        if full.startswith(m["content"], start) and (not eot or full.startswith(eot, end)):
+            end += len(eot)
+        else:
+            upto = render(tokenizer, msgs[: i + 1], add_generation_prompt=False)
+            if not full.startswith(upto):
+                raise ValueError(
+                    f"{conv.origin}: the chat template does not render turns incrementally"
+                )
+            end = len(upto)
+            cut = full.rfind(eot, start, end) if eot else -1
             if cut >= 0:
                 end = cut + len(eot)
         spans.append((start, end))

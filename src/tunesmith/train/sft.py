@@ -22,7 +22,13 @@ from tunesmith.model.load import (
 )
 from tunesmith.model.lora import CausalLMLoss, keep_activation_dtype, lora_config
 from tunesmith.train.checkpoint import new_run_dir, rotate, save_checkpoint
-from tunesmith.train.track import JsonlLog, memory_gb, plot_curves
+from tunesmith.train.track import (
+    JsonlLog,
+    evaluate,
+    log_record,
+    packing_report,
+    plot_curves,
+)
 from tunesmith.utils import UserError, logger, seed_everything, write_json
 
 
@@ -224,13 +230,13 @@ def sft(args: SftArgs) -> Path:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if step % args.logging_steps == 0 or step == total_steps:
-                record = _log_record(
+                record = log_record(
                     window,
                     step,
                     steps_per_epoch,
                     total_steps,
                     t0,
-                    scheduler,
+                    scheduler.get_last_lr()[0],
                     grad_norm,
                     args.logging_steps,
                 )
@@ -286,71 +292,12 @@ def sft(args: SftArgs) -> Path:
     return run_dir
 
 
-@torch.no_grad()
-def evaluate(loss_module: Any, loader: Any, accelerator: Any) -> dict[str, float]:
-    """Token-weighted loss and next-token accuracy over the validation set, all processes."""
-    loss_module.eval()
-    total = torch.zeros(3, device=accelerator.device)
-    for batch in loader:
-        loss_sum, n, correct = loss_module(**batch)
-        total += torch.stack([loss_sum.float(), n.float(), correct.float()])
-    total = accelerator.reduce(total, reduction="sum")
-    loss_module.train()
-    n = max(float(total[1]), 1.0)
-    return {
-        "eval_loss": round(float(total[0]) / n, 6),
-        "eval_token_acc": round(float(total[2]) / n, 4),
-    }
-
-
-def packing_report(samples: list, packs: list, batch_size: int, max_length: int) -> str:
-    """How full the packed sequences are, and the padding packing saves at this batch size."""
-
-    def padding(rows: list[int]) -> int:
-        pad = 0
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
-            pad += max(chunk) * len(chunk) - sum(chunk)
-        return pad
-
-    plain = [len(s.input_ids) for s in samples]
-    packed = [sum(len(s.input_ids) for s in p) for p in packs]
-    fill = sum(packed) / (len(packs) * max_length)
-    return (
-        f"packed {len(samples)} samples into {len(packs)} sequences ({fill:.0%} of "
-        f"--max_length {max_length} used); padding at batch size {batch_size}: "
-        f"{padding(plain)} tokens unpacked, {padding(packed)} packed"
-    )
-
-
 class _nullctx:
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def _log_record(
-    window, step, steps_per_epoch, total_steps, t0, scheduler, grad_norm, every
-) -> dict:
-    now = time.perf_counter()
-    span = max(now - window["t"], 1e-9)
-    n = every if step % every == 0 else step % every
-    elapsed = now - t0
-    return {
-        "step": step,
-        "epoch": round(step / steps_per_epoch, 4),
-        "loss": round(window["loss"] / n, 6),
-        "token_acc": round(window["correct"] / max(1, window["trained"]), 4),
-        "lr": scheduler.get_last_lr()[0],
-        "grad_norm": None if grad_norm is None else round(grad_norm, 6),
-        "tokens_per_s": round(window["tokens"] / span, 1),
-        "trained_tokens_per_s": round(window["trained"] / span, 1),
-        "memory_gb": round(memory_gb(), 3),
-        "elapsed_s": round(elapsed, 2),
-        "remaining_s": round(elapsed / step * (total_steps - step), 2),
-    }
 
 
 def _scalar_config(d: dict) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +83,72 @@ def plot_curves(log_path: Path, out_dir: Path) -> list[Path]:
     if written:
         logger.info(f"plots: {out_dir}")
     return written
+
+
+def evaluate(loss_module: Any, loader: Any, accelerator: Any) -> dict[str, float]:
+    """Token-weighted loss and next-token accuracy over the validation set, all processes."""
+    import torch
+
+    loss_module.eval()
+    total = torch.zeros(3, device=accelerator.device)
+    for batch in loader:
+        with torch.no_grad():
+            loss_sum, n, correct = loss_module(**batch)
+        total += torch.stack([loss_sum.float(), n.float(), correct.float()])
+    total = accelerator.reduce(total, reduction="sum")
+    loss_module.train()
+    n = max(float(total[1]), 1.0)
+    return {
+        "eval_loss": round(float(total[0]) / n, 6),
+        "eval_token_acc": round(float(total[2]) / n, 4),
+    }
+
+
+def packing_report(samples: list, packs: list, batch_size: int, max_length: int) -> str:
+    """How full the packed sequences are, and the padding packing saves at this batch size."""
+
+    def padding(rows: list[int]) -> int:
+        pad = 0
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            pad += max(chunk) * len(chunk) - sum(chunk)
+        return pad
+
+    plain = [len(s.input_ids) for s in samples]
+    packed = [sum(len(s.input_ids) for s in p) for p in packs]
+    fill = sum(packed) / (len(packs) * max_length)
+    return (
+        f"packed {len(samples)} samples into {len(packs)} sequences ({fill:.0%} of "
+        f"--max_length {max_length} used); padding at batch size {batch_size}: "
+        f"{padding(plain)} tokens unpacked, {padding(packed)} packed"
+    )
+
+
+def log_record(
+    window: dict[str, float],
+    step: int,
+    steps_per_epoch: int,
+    total_steps: int,
+    t0: float,
+    lr: float,
+    grad_norm: float | None,
+    every: int,
+) -> dict[str, Any]:
+    """One ``logging.jsonl`` line from the counters accumulated since the last one."""
+    now = time.perf_counter()
+    span = max(now - window["t"], 1e-9)
+    n = every if step % every == 0 else step % every
+    elapsed = now - t0
+    return {
+        "step": step,
+        "epoch": round(step / steps_per_epoch, 4),
+        "loss": round(window["loss"] / n, 6),
+        "token_acc": round(window["correct"] / max(1, window["trained"]), 4),
+        "lr": lr,
+        "grad_norm": None if grad_norm is None else round(grad_norm, 6),
+        "tokens_per_s": round(window["tokens"] / span, 1),
+        "trained_tokens_per_s": round(window["trained"] / span, 1),
+        "memory_gb": round(memory_gb(), 3),
+        "elapsed_s": round(elapsed, 2),
+        "remaining_s": round(elapsed / step * (total_steps - step), 2),
+    }
