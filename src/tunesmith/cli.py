@@ -58,6 +58,8 @@ def _flag_spec(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     spec: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
     shown = "none" if default is None or default == [] else default
+    if isinstance(shown, bool):
+        shown = str(shown).lower()
     if isinstance(shown, list):
         shown = " ".join(map(str, shown))
     help_text = f"{meta['help']} (default: {shown})"
@@ -150,6 +152,10 @@ def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
                 )
             elif tp is bool:
                 out[key] = str2bool(value)
+            elif tp is int and (
+                isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())
+            ):
+                raise ValueError(f"expected a whole number, got {value!r}")
             else:
                 out[key] = tp(value)
         except (ValueError, TypeError, argparse.ArgumentTypeError) as e:

@@ -68,7 +68,9 @@ def _greedy(adapters: list[str], query: str, model: str | None = None) -> str:
     argv += ["--model", model] if model else []
     args = parse_args(InferCommandArgs, "infer", "", argv)
     engine = load_engine(args)
-    return generate(engine, chat_messages(engine.system, [], query), generation_kwargs(args, engine.tokenizer))
+    return generate(
+        engine, chat_messages(engine.system, [], query), generation_kwargs(args, engine.tokenizer)
+    )
 
 
 def test_base_model_answers_as_qwen(demo_dir: Path) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import build_tiny_model
 
+from tiny import build_tiny_model
 from tunesmith.data.collate import collate, pack
 from tunesmith.data.messages import Conversation, Message
 from tunesmith.data.template import IGNORE, Sample, encode
@@ -21,6 +21,15 @@ PAIRS = [
         "The wind and the stars at night,\nthe sea is calm and bright.",
     ),
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: one intra-op thread is several times faster than two on a busy CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +119,10 @@ def test_collate_packed_rows(samples, pad_id) -> None:
     assert batch["input_ids"].shape == (2, width)
     row0 = batch["input_ids"][0].tolist()
     assert row0 == samples[0].input_ids + samples[1].input_ids + samples[2].input_ids
-    assert batch["labels"][0].tolist() == samples[0].labels + samples[1].labels + samples[2].labels
+    # A sample's first token is never a target (it is not, run on its own, either).
+    expected_labels = [t for s in samples[:3] for t in [IGNORE, *s.labels[1:]]]
+    assert batch["labels"][0].tolist() == expected_labels
+    assert expected_labels == samples[0].labels + samples[1].labels + samples[2].labels
     expected_pos = [p for n in lens[:3] for p in range(n)]
     assert batch["position_ids"][0].tolist() == expected_pos
     # The shorter row: the sample, then padding that starts again at position 0.
@@ -185,14 +197,11 @@ def test_chunked_head_gives_the_same_loss(model, samples, pad_id, monkeypatch) -
     assert chunked[0] == pytest.approx(whole[0], abs=1e-4, rel=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: in a packed row the first token of a sample is a target of the previous "
-    "sample's last position; after --truncation_strategy left that token can carry a label",
-)
 def test_packed_left_truncated_sample_does_not_learn_across_the_boundary(
     tiny_tokenizer, model, samples, pad_id
 ) -> None:
+    """A sample cut on the left can start inside a reply; packed after another sample, its
+    first token must not become a target of the previous sample's last position."""
     conv = Conversation([Message("user", "Hi"), Message("assistant", PAIRS[3][1])])
     cut = encode(tiny_tokenizer, conv, max_length=8, truncation="left")
     assert cut is not None and cut.labels[0] != IGNORE  # starts inside the reply
@@ -201,6 +210,8 @@ def test_packed_left_truncated_sample_does_not_learn_across_the_boundary(
     packed = run_loss(model, collate([pair], pad_id))
     assert packed[1] == ref[1]
     assert packed[0] == pytest.approx(ref[0], abs=1e-4)
+    boundary = len(samples[0].input_ids)
+    assert collate([pair], pad_id)["labels"][0, boundary] == IGNORE
 
 
 # --- gradient accumulation -------------------------------------------------------------------
@@ -233,7 +244,9 @@ def lora_grads(peft_model, batches: list[dict], total: int) -> dict[str, torch.T
     for b in batches:
         loss_sum, _, _ = loss_module(**b)
         (loss_sum / total).backward()
-    grads = {n: p.grad.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    grads = {
+        n: p.grad.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad
+    }
     peft_model.zero_grad(set_to_none=True)
     return grads
 

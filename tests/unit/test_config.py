@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import shlex
 
@@ -34,6 +35,15 @@ INFER_ADAPTERS = """swift infer --adapters output/vx-xxx/checkpoint-xxx --stream
 
 INFER_MODEL = """swift infer --model Qwen2.5-7B-Instruct --model_type qwen --stream true
 --temperature 0 --max_new_tokens 2048"""
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_handlers():
+    """main() attaches a handler on the (captured) stderr; keep it out of later tests."""
+    log = logging.getLogger("tunesmith")
+    before = list(log.handlers)
+    yield
+    log.handlers[:] = before
 
 
 def argv_of(command: str) -> list[str]:
@@ -250,6 +260,16 @@ def test_yaml_bad_values(tmp_path, body: str, needle: str) -> None:
     cfg = tmp_path / "run.yaml"
     cfg.write_text(body, encoding="utf-8")
     with pytest.raises(UserError, match=needle):
+        sft(["--config", str(cfg)])
+
+
+@pytest.mark.parametrize("value", ["8.5", "true"])
+def test_yaml_non_integer_for_an_int_flag_is_an_error(tmp_path, value: str) -> None:
+    with pytest.raises(UserError, match="--lora_rank"):
+        sft(["--lora_rank", value])
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"lora_rank: {value}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="lora_rank"):
         sft(["--config", str(cfg)])
 
 

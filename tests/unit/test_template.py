@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from tiny import DEFAULT_SYSTEM_PROMPT, IM_END
 
+from tiny import DEFAULT_SYSTEM_PROMPT, IM_END
+from tunesmith.data import tokenize as tokenize_mod
 from tunesmith.data.messages import Conversation, Message
 from tunesmith.data.template import IGNORE, EncodeStats, encode, encode_all
 
@@ -131,7 +132,6 @@ def test_system_flag_applies_only_without_a_record_system(tiny_tokenizer) -> Non
         max_length=2048,
         truncation="delete",
         loss_scale="default",
-        progress=False,
     )
     assert stats.samples == 2
     first, second = (tiny_tokenizer.decode(s.input_ids) for s in samples)
@@ -149,7 +149,6 @@ def test_no_system_flag_keeps_the_template_default(tiny_tokenizer) -> None:
         max_length=2048,
         truncation="delete",
         loss_scale="default",
-        progress=False,
     )
     assert DEFAULT_SYSTEM_PROMPT in tiny_tokenizer.decode(samples[0].input_ids)
 
@@ -219,7 +218,51 @@ def test_encode_all_counts(tiny_tokenizer, full_multi) -> None:
         max_length=len(full_multi.input_ids) - 1,
         truncation="delete",
         loss_scale="default",
-        progress=False,
     )
     assert len(samples) == 2
     assert (stats.samples, stats.deleted) == (2, 1)
+
+
+def test_tokenize_dataset_matches_encode_and_is_cached(tiny_tokenizer, monkeypatch) -> None:
+    convs = [SINGLE, MULTI, CHINESE]
+    settings = {"max_length": 2048, "truncation": "delete", "loss_scale": "default"}
+    samples, stats = tokenize_mod.tokenize_dataset(
+        tiny_tokenizer, convs, system="Be brief.", progress=False, **settings
+    )
+    expected = [
+        encode(
+            tiny_tokenizer,
+            c.with_system("Be brief."),
+            **{"max_length": 2048, "truncation": "delete", "loss_scale": "default"},
+        )
+        for c in convs
+    ]
+    assert [(s.input_ids, s.labels, s.origin) for s in samples] == [
+        (s.input_ids, s.labels, s.origin) for s in expected
+    ]
+    assert stats.samples == 3
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again instead of using the cache")
+
+    monkeypatch.setattr(tokenize_mod, "encode_batch", no_tokenizing)
+    cached, cached_stats = tokenize_mod.tokenize_dataset(
+        tiny_tokenizer, convs, system="Be brief.", progress=False, **settings
+    )
+    assert [(s.input_ids, s.labels, s.origin, s.tags) for s in cached] == [
+        (s.input_ids, s.labels, s.origin, s.tags) for s in samples
+    ]
+    assert cached_stats == stats
+    # Any change of what the result depends on misses the cache.
+    with pytest.raises(AssertionError, match="tokenized again"):
+        tokenize_mod.tokenize_dataset(
+            tiny_tokenizer, convs, system="Be verbose.", progress=False, **settings
+        )
+    with pytest.raises(AssertionError, match="tokenized again"):
+        tokenize_mod.tokenize_dataset(
+            tiny_tokenizer,
+            convs,
+            system="Be brief.",
+            progress=False,
+            **(settings | {"loss_scale": "last_round"}),
+        )

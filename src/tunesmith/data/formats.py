@@ -56,6 +56,8 @@ def _text(record: dict[str, Any], key: str, *, required: bool, allow_empty: bool
 
 
 def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
     return {dict: "an object", list: "a list", bool: "a boolean", int: "a number"}.get(
         type(value), "a number" if isinstance(value, float) else type(value).__name__
     )

@@ -18,6 +18,7 @@ from tunesmith.model.load import (
     resolve_dtype,
     resolve_model,
 )
+from tunesmith.train.checkpoint import list_checkpoints
 from tunesmith.utils import UserError, logger
 
 
@@ -49,8 +50,8 @@ def check_adapter(path: str) -> Path:
     if not p.exists():
         raise UserError(f"--adapters {path}: no such directory")
     if not (p / "adapter_config.json").is_file():
-        ckpts = sorted(p.glob("checkpoint-*/adapter_config.json"))
-        hint = f" (did you mean {ckpts[-1].parent}?)" if ckpts else ""
+        ckpts = [c for c in list_checkpoints(p) if (c / "adapter_config.json").is_file()]
+        hint = f" (did you mean {ckpts[-1]}?)" if ckpts else ""
         raise UserError(
             f"--adapters {path}: no adapter_config.json there, so it is not a LoRA checkpoint "
             f"directory like output/v0-…/checkpoint-30{hint}"
@@ -69,6 +70,11 @@ def load_engine(args: InferCommandArgs) -> Engine:
     adapters = [check_adapter(a) for a in args.adapters]
     recorded = run_args(adapters[0]) if adapters else {}
     name = args.model or recorded.get("model")
+    resolved = recorded.get("model_dir")
+    # The run recorded where its base model resolved to; a relative --model or a hub id may
+    # not resolve the same way from another folder.
+    if args.model is None and resolved and Path(resolved, "config.json").is_file():
+        name = resolved
     if name is None and adapters:
         cfg = json.loads((adapters[0] / "adapter_config.json").read_text(encoding="utf-8"))
         name = cfg.get("base_model_name_or_path")

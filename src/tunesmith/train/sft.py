@@ -51,6 +51,7 @@ def lr_lambda(kind: str, warmup: int, total: int):
 def sft(args: SftArgs) -> Path:
     """Fine-tune ``args.model`` on ``args.dataset``; returns the run directory."""
     from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
     from peft import get_peft_model
     from tqdm.auto import tqdm
@@ -61,6 +62,10 @@ def sft(args: SftArgs) -> Path:
     seed_everything(args.seed)
     run_dir = new_run_dir(Path(args.output_dir), args.add_version)
     report_to = [r for r in args.report_to if r != "none"]
+    # Accelerate keeps its settings process-wide; a second sft() in one process (tests, a
+    # notebook) may ask for another precision.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     dtype = resolve_dtype(args.torch_dtype, PartialState().device.type)
     accelerator = Accelerator(
         # Autocast runs the fp32 LoRA weights in the base's dtype: no fp32 copies of the
