@@ -235,7 +235,6 @@ def test_jsonl_saved_as_json(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "text", "line"),
     [
-        ("d.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "a",\n', 3),
         ("d.json", '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a" "x"}\n]', 3),
         ("d.json", '[\n  {"instruction": "a", "output": "b"}\n  {"instruction": "a"}\n]', 3),
         ("d.json", '{\n  "instruction": "a",\n  "output": \n}', 4),
@@ -247,6 +246,15 @@ def test_invalid_json_names_file_and_line(tmp_path: Path, name: str, text: str, 
     with pytest.raises(UserError, match="invalid JSON") as e:
         read(p)
     assert str(e.value).startswith(f"{p}:{line}:")
+
+
+def test_invalid_jsonl_line_is_one_bad_record(tmp_path: Path) -> None:
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "a",\n', "utf-8")
+    records, problems = read(p)
+    assert len(records) == 1
+    assert [(x.where, x.field) for x in problems] == [(f"{p}:3", "record")]
+    assert "invalid JSON" in problems[0].message
 
 
 def test_bom_and_crlf_load_fine(tmp_path: Path) -> None:

@@ -52,6 +52,17 @@ def _text(record: dict[str, Any], key: str, *, required: bool, allow_empty: bool
         raise RecordError(key, f"expected a string, got {_kind(value)}")
     if required and not allow_empty and not value.strip():
         raise RecordError(key, "empty (expected a non-empty string)")
+    return _valid_unicode(key, value)
+
+
+def _valid_unicode(field: str, value: str) -> str:
+    """Reject lone surrogates (``"\\ud800"`` escapes): JSON allows them, UTF-8 cannot hold them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordError(
+            field, f"invalid Unicode at character {e.start} (a lone surrogate escape)"
+        ) from None
     return value
 
 
@@ -129,7 +140,7 @@ def _turns(
         content = turn.get(text_key)
         if not isinstance(content, str):
             raise RecordError(f"{where}.{text_key}", f"expected a string, got {_kind(content)}")
-        out.append(Message(roles[role], content))
+        out.append(Message(roles[role], _valid_unicode(f"{where}.{text_key}", content)))
     return out
 
 

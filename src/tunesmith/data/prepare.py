@@ -63,11 +63,9 @@ def load_conversations(
         loaded.parts.append((spec, load_spec(spec, opts, loaded)))
     val_loaded = Loaded()
     val = [c for spec in args.val_dataset for c in load_spec(spec, opts, val_loaded)]
-    notes = []
-    for problems in (loaded.problems, val_loaded.problems):
-        note = report_problems(problems, opts.strict)
-        if note:
-            notes.append(note)
+    # Training and validation problems together: one error lists everything to fix.
+    note = report_problems(loaded.problems + val_loaded.problems, opts.strict)
+    notes = [note] if note else []
     train = mix([p for _, p in loaded.parts], parse_probs(args.dataset_probs), args.seed)
     if args.split_dataset_ratio and not args.val_dataset:
         train, val = split_val(train, args.split_dataset_ratio, args.seed)

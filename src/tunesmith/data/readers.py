@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,16 @@ from typing import Any
 from tunesmith.utils import UserError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+# Python's json refuses integers over this many digits with a ValueError, and very deep
+# nesting with a RecursionError: both are bad input, reported like any JSON error.
+JSON_ERRORS = (json.JSONDecodeError, ValueError, RecursionError)
+
+
+class BadLine:
+    """A line of a JSON Lines file that is not valid JSON: one bad record among the others."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
 
 
 def decode(path: Path) -> str:
@@ -56,8 +67,18 @@ def _skip_ws(text: str, i: int) -> int:
     return i
 
 
-def _json_error(path: Path, e: json.JSONDecodeError) -> UserError:
-    return UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})")
+def _json_error(path: Path, e: Exception, line: int) -> UserError:
+    if isinstance(e, json.JSONDecodeError):
+        return UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})")
+    return UserError(f"{path}:{line}: invalid JSON ({_describe(e)})")
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at column {e.colno}"
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).split(";")[0]
 
 
 def _json(path: Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -67,11 +88,11 @@ def _json(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     if text[i] != "[":
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg == "Extra data":  # JSON Lines saved under a .json name
-                yield from _jsonl(path, text)
+        except JSON_ERRORS as e:
+            if isinstance(e, json.JSONDecodeError) and e.msg == "Extra data":
+                yield from _jsonl(path, text)  # JSON Lines saved under a .json name
                 return
-            raise _json_error(path, e) from None
+            raise _json_error(path, e, text.count("\n", 0, i) + 1) from None
         if isinstance(obj, dict):
             yield text.count("\n", 0, i) + 1, obj
             return
@@ -80,16 +101,23 @@ def _json(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     if i < len(text) and text[i] == "]":
         return
     while True:
+        line = text.count("\n", 0, i) + 1
         try:
             obj, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise _json_error(path, e) from None
-        yield text.count("\n", 0, i) + 1, obj
+        except JSON_ERRORS as e:
+            raise _json_error(path, e, line) from None
+        yield line, obj
         i = _skip_ws(text, end)
         if i < len(text) and text[i] == ",":
             i = _skip_ws(text, i + 1)
             continue
         if i < len(text) and text[i] == "]":
+            rest = _skip_ws(text, i + 1)
+            if rest < len(text):
+                line = text.count("\n", 0, rest) + 1
+                raise UserError(
+                    f"{path}:{line}: invalid JSON (unexpected text after the closing ']')"
+                )
             return
         line = text.count("\n", 0, i) + 1
         raise UserError(f"{path}:{line}: invalid JSON (expected ',' or ']' after a record)")
@@ -103,12 +131,14 @@ def _jsonl(path: Path, text: str) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+            record = json.loads(line)
+        except JSON_ERRORS as e:
+            record = BadLine(f"invalid JSON ({_describe(e)})")
+        yield n, record
 
 
 def _csv(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    csv.field_size_limit(sys.maxsize)  # the default (128 KiB) rejects long answers
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if not reader.fieldnames:
         raise UserError(f"{path}:1: the CSV file has no header row")

@@ -17,7 +17,7 @@ from typing import Any
 
 from tunesmith.data.formats import RecordError, RecordProblem, to_conversation
 from tunesmith.data.messages import Conversation, Message
-from tunesmith.data.readers import SUFFIXES, read_records
+from tunesmith.data.readers import SUFFIXES, BadLine, read_records
 from tunesmith.data.self_cognition import parse_name_pair, self_cognition_records
 from tunesmith.utils import UserError, cache_dir
 
@@ -83,6 +83,9 @@ def _convert(
     out = []
     for line, record in rows:
         where = f"{origin}:{line}"
+        if isinstance(record, BadLine):
+            loaded.problems.append(RecordProblem(where, "record", record.message))
+            continue
         if opts.columns and isinstance(record, dict):
             record = {opts.columns.get(k, k): v for k, v in record.items()}
         try:

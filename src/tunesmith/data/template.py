@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunesmith.data.messages import Conversation
+from tunesmith.utils import UserError
 
 IGNORE = -100
 
@@ -155,9 +156,14 @@ def encode_batch(
     """Tokenize many conversations at once (the fast tokenizer batches in Rust)."""
     stats = EncodeStats()
     rendered = [assistant_spans(tokenizer, c, loss_scale) for c in convs]
-    enc = tokenizer(
-        [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
-    )
+    texts = [text for text, _ in rendered]
+    try:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # the Rust tokenizer panics (a BaseException) on some inputs
+        _raise_for_failing_record(tokenizer, convs, texts)
+        raise
     out = [
         finish(c, ids, offs, spans, max_length, truncation, stats)
         for c, ids, offs, (_, spans) in zip(
@@ -165,6 +171,20 @@ def encode_batch(
         )
     ]
     return out, stats
+
+
+def _raise_for_failing_record(tokenizer: Any, convs: list[Conversation], texts: list[str]) -> None:
+    """Tokenize one by one to name the record the tokenizer fails on."""
+    for conv, text in zip(convs, texts, strict=True):
+        try:
+            tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            raise UserError(
+                f"{conv.origin}: the tokenizer fails on this record ({type(e).__name__}); "
+                "look for unusual content such as megabytes of repeated whitespace"
+            ) from None
 
 
 def encode_all(
