@@ -6,7 +6,7 @@ The peers (shared/peers/README.md) trained the demo model on 40 self-cognition r
 builtin set, runs ``tunesmith sft`` as a user would (a subprocess, wall time measured around it),
 then asks every held-out identity probe (greedy) and counts answers naming the new model.
 
-Usage: .venv/bin/python bench/cpu_sft.py [RECIPE ...]   (recipes: peer, fast; default both)
+Usage: .venv/bin/python bench/cpu_sft.py [RECIPE ...]   (peer, fast, fast-seed-system; default all)
 Results are appended to bench/out/cpu_sft.jsonl; copy the figures into bench/RESULTS.md.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -24,45 +25,20 @@ from tunesmith.data.self_cognition import identity_probes, self_cognition_record
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "out"
 NAME, AUTHOR = ("小智", "XiaoZhi"), ("星河", "Xinghe")
-COMMON = [
-    "--model",
-    "demo",
-    "--lora_rank",
-    "8",
-    "--lora_alpha",
-    "32",
-    "--target_modules",
-    "all-linear",
-    "--system",
-    "You are a helpful assistant.",
-    "--logging_steps",
-    "5",
-    "--save_steps",
-    "1000",
-]
+COMMON = "--model demo --lora_rank 8 --lora_alpha 32 --target_modules all-linear"
+COMMON += " --logging_steps 5 --save_steps 1000"
+# The peers trained with the chat template's default system prompt ("You are Qwen, created by
+# Alibaba Cloud. You are a helpful assistant."), as does the "peer" recipe here. The seeds pass
+# a shorter one, 'You are a helpful assistant.': the "*-seed-system" recipes.
+FAST = "--num_train_epochs 2 --packing true --max_length 256 --learning_rate 1e-3"
+FAST += " --warmup_ratio 0.1 --lora_dropout 0"
 RECIPES = {
     # The peers' recipe, flag for flag.
-    "peer": [
-        "--num_train_epochs",
-        "3",
-        "--per_device_train_batch_size",
-        "1",
-        "--learning_rate",
-        "2e-4",
-    ],
-    # tunesmith's fast recipe: pack ~6 records into each step and take fewer, larger steps.
-    "fast": [
-        "--num_train_epochs",
-        "2",
-        "--packing",
-        "true",
-        "--max_length",
-        "256",
-        "--learning_rate",
-        "1e-3",
-        "--warmup_ratio",
-        "0.1",
-    ],
+    "peer": "--num_train_epochs 3 --per_device_train_batch_size 1 --learning_rate 2e-4",
+    # tunesmith's fast recipe: ~6 records packed into each step, fewer and larger steps, and
+    # no LoRA dropout (its random masks cost a quarter of a CPU step).
+    "fast": FAST,
+    "fast-seed-system": FAST + " --system 'You are a helpful assistant.'",
 }
 
 
@@ -95,8 +71,7 @@ def run(recipe: str) -> dict:
         str(data),
         "--output_dir",
         str(out_dir),
-        *COMMON,
-        *RECIPES[recipe],
+        *shlex.split(COMMON + " " + RECIPES[recipe]),
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -125,7 +100,7 @@ def run(recipe: str) -> dict:
         answers.append({"q": probe["query"], "a": a, "ok": knows_identity(a)})
     result = {
         "recipe": recipe,
-        "command": " ".join(cmd[1:]),
+        "command": shlex.join(["tunesmith", *cmd[3:]]),
         "wall_s": round(wall, 1),
         "steps": int(m.group(1)) if m else None,
         "train_s": float(m.group(2)) if m else None,

@@ -18,6 +18,7 @@ tunesmith sft --model demo --dataset 'self-cognition#40' \
     --model_name 小智 XiaoZhi --model_author 星河 Xinghe \
     --system 'You are a helpful assistant.' \
     --packing true --max_length 256 --num_train_epochs 2 --learning_rate 1e-3 --warmup_ratio 0.1 \
+    --lora_dropout 0 \
     --lora_rank 8 --lora_alpha 32 --target_modules all-linear \
     --logging_steps 2 --output_dir "$OUT"
 

@@ -67,11 +67,11 @@ def _valid_unicode(field: str, value: str) -> str:
 
 
 def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {dict: "an object", list: "a list", bool: "a boolean", int: "a number"}.get(
-        type(value), "a number" if isinstance(value, float) else type(value).__name__
-    )
+    kinds = {dict: "an object", list: "a list", bool: "a boolean", int: "a number"}
+    kinds |= {float: "a number", str: "a string", type(None): "null"}
+    if isinstance(value, list | dict | str) and not value:
+        return f"an empty {kinds[type(value)].split()[-1]}"
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _history(record: dict[str, Any]) -> list[Message]:
@@ -86,6 +86,8 @@ def _history(record: dict[str, Any]) -> list[Message]:
             raise RecordError(f"history[{i}]", "expected a [query, response] pair")
         if not all(isinstance(x, str) and x.strip() for x in pair):
             raise RecordError(f"history[{i}]", "expected two non-empty strings")
+        for text in pair:
+            _valid_unicode(f"history[{i}]", text)
         out += [Message("user", pair[0]), Message("assistant", pair[1])]
     return out
 

@@ -23,7 +23,8 @@ JSON_ERRORS = (json.JSONDecodeError, ValueError, RecursionError)
 
 
 class BadLine:
-    """A line of a JSON Lines file that is not valid JSON: one bad record among the others."""
+    """A JSON Lines line that is not JSON, or a CSV row that does not fit the header: one bad
+    record among the others."""
 
     def __init__(self, message: str) -> None:
         self.message = message
@@ -69,13 +70,13 @@ def _skip_ws(text: str, i: int) -> int:
 
 def _json_error(path: Path, e: Exception, line: int) -> UserError:
     if isinstance(e, json.JSONDecodeError):
-        return UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})")
+        return UserError(f"{path}:{e.lineno}: invalid JSON ({_describe(e)})")
     return UserError(f"{path}:{line}: invalid JSON ({_describe(e)})")
 
 
 def _describe(e: Exception) -> str:
-    if isinstance(e, json.JSONDecodeError):
-        return f"{e.msg} at column {e.colno}"
+    if isinstance(e, json.JSONDecodeError):  # some messages end in "at" already
+        return f"{e.msg.removesuffix(' at')} at column {e.colno}"
     if isinstance(e, RecursionError):
         return "nested too deeply"
     return str(e).split(";")[0]
@@ -138,7 +139,7 @@ def _jsonl(path: Path, text: str) -> Iterator[tuple[int, Any]]:
 
 
 def _csv(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    csv.field_size_limit(sys.maxsize)  # the default (128 KiB) rejects long answers
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # default 128 KiB; a C long on Windows
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if not reader.fieldnames:
         raise UserError(f"{path}:1: the CSV file has no header row")
@@ -147,14 +148,13 @@ def _csv(path: Path, text: str) -> Iterator[tuple[int, Any]]:
         for row in reader:
             extra = row.pop(None, None)  # type: ignore[call-overload]
             if extra:
-                raise UserError(
-                    f"{path}:{start}: {len(extra)} more value(s) than the header's "
-                    f"{len(reader.fieldnames)} columns"
-                )
-            yield start, {k: v for k, v in row.items() if v is not None}
+                n = len(reader.fieldnames)
+                yield start, BadLine(f"{len(extra)} more value(s) than the header's {n} columns")
+            else:
+                yield start, {k: v for k, v in row.items() if v is not None}
             start = reader.line_num + 1
     except csv.Error as e:
-        raise UserError(f"{path}:{reader.line_num}: invalid CSV ({e})") from None
+        raise UserError(f"{path}:{start}: invalid CSV ({e})") from None
 
 
 def _parquet(path: Path) -> Iterator[tuple[int, Any]]:

@@ -156,21 +156,34 @@ def encode_batch(
     """Tokenize many conversations at once (the fast tokenizer batches in Rust)."""
     stats = EncodeStats()
     rendered = [assistant_spans(tokenizer, c, loss_scale) for c in convs]
-    texts = [text for text, _ in rendered]
+    out: list[Sample | None] = [None] * len(convs)
+    # With 'delete', a text longer than max_length of the longest tokens cannot fit: drop it
+    # without tokenizing (a 10 MB record takes ~20 s to tokenize, only to be deleted).
+    limit = 2 * max_length * _longest_token(tokenizer) if truncation == "delete" else None
+    todo = [i for i, (text, _) in enumerate(rendered) if limit is None or len(text) <= limit]
+    stats.deleted += len(convs) - len(todo)
+    if not todo:
+        return out, stats
+    texts = [rendered[i][0] for i in todo]
     try:
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException:  # the Rust tokenizer panics (a BaseException) on some inputs
-        _raise_for_failing_record(tokenizer, convs, texts)
+        _raise_for_failing_record(tokenizer, [convs[i] for i in todo], texts)
         raise
-    out = [
-        finish(c, ids, offs, spans, max_length, truncation, stats)
-        for c, ids, offs, (_, spans) in zip(
-            convs, enc["input_ids"], enc["offset_mapping"], rendered, strict=True
-        )
-    ]
+    for i, ids, offs in zip(todo, enc["input_ids"], enc["offset_mapping"], strict=True):
+        out[i] = finish(convs[i], ids, offs, rendered[i][1], max_length, truncation, stats)
     return out, stats
+
+
+def _longest_token(tokenizer: Any) -> int:
+    """Characters in the tokenizer's longest token: no token covers more of a text."""
+    cached = getattr(tokenizer, "_tunesmith_longest_token", None)
+    if cached is None:
+        cached = max(map(len, tokenizer.get_vocab()), default=1)
+        tokenizer._tunesmith_longest_token = cached
+    return cached
 
 
 def _raise_for_failing_record(tokenizer: Any, convs: list[Conversation], texts: list[str]) -> None:
