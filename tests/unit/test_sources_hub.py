@@ -132,3 +132,25 @@ def test_csv_and_parquet_sources(tmp_path: Path) -> None:
     pq.write_table(pa.table({"query": ["q"], "response": ["r"]}), tmp_path / "d.parquet")
     train, _, _ = load_conversations(_args(["--dataset", str(tmp_path / "d.parquet")]))
     assert train[0].origin.endswith("d.parquet:1")
+
+
+def test_seed_mixed_command_trains_end_to_end(mirror: Path, tiny_model_dir: Path) -> None:
+    """The seed's mixed `swift sft` command, `swift` -> `tunesmith`, on the tiny model."""
+    out = mirror.parent / "output"
+    code = main(
+        ["sft", "--model", str(tiny_model_dir), "--train_type", "lora",
+         "--dataset", f"{ZH}#20", f"{EN}#20", "swift/self-cognition#20",
+         "--dataset_probs", "0.4:0.4:0.2", "--torch_dtype", "float32",
+         "--num_train_epochs", "1", "--per_device_train_batch_size", "1",
+         "--learning_rate", "1e-4", "--lora_rank", "8", "--lora_alpha", "32",
+         "--target_modules", "all-linear", "--gradient_accumulation_steps", "16",
+         "--eval_steps", "50", "--save_steps", "50", "--save_total_limit", "5",
+         "--logging_steps", "5", "--max_length", "2048", "--output_dir", str(out),
+         "--system", "You are a helpful assistant.", "--warmup_ratio", "0.05",
+         "--report_to", "none", *SEED_FLAGS]
+    )  # fmt: skip
+    assert code == 0
+    (run,) = out.glob("v0-*")
+    args = json.loads((run / "args.json").read_text(encoding="utf-8"))
+    assert args["dataset_probs"] == "0.4:0.4:0.2"
+    assert [p.name for p in run.glob("checkpoint-*")]
