@@ -50,3 +50,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if Path(str(item.path)).resolve().is_relative_to(integration):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="module")
+def isolated_torch():
+    """One intra-op thread (tiny matrices run several times faster so on a busy 2-core CPU),
+    and Accelerate's process-wide state reset before and after the module."""
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset() -> None:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    reset()
+    yield
+    reset()
+    torch.set_num_threads(old)

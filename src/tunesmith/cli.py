@@ -13,6 +13,7 @@ import difflib
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tunesmith`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
+    # Deprecation notices between our dependencies (peft calling transformers) are not the
+    # user's business; our own messages go through the logger.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(USAGE)
         return 0

@@ -27,25 +27,7 @@ from tunesmith.utils import UserError
 SYSTEM = "You are a test bot."
 
 
-def reset_accelerate() -> None:
-    """Forget Accelerate's process-wide state (sft() leaves it set to its run's precision)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _isolated_module():
-    """One intra-op thread (tiny matrices: several times faster on a busy 2-core CPU), and
-    Accelerate's global state reset before and after, so other modules' sft runs with other
-    precisions are unaffected."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reset_accelerate()
-    yield
-    reset_accelerate()
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("isolated_torch")
 
 
 @pytest.fixture(autouse=True)
@@ -226,10 +208,7 @@ def test_relative_model_path_still_found_from_another_directory(
     relative = os.path.relpath(tiny_model_dir, work)
     argv = ["--model", relative, "--dataset", "train.jsonl", "--max_steps", "1"]
     argv += ["--output_dir", "out", "--torch_dtype", "float32", "--report_to", "none"]
-    try:
-        run = sft(parse_args(SftArgs, "tunesmith sft", "test", argv))
-    finally:
-        reset_accelerate()
+    run = sft(parse_args(SftArgs, "tunesmith sft", "test", argv))
     ckpt = (work / run / "checkpoint-1").resolve()
     elsewhere = tmp_path / "a" / "b" / "c"
     elsewhere.mkdir(parents=True)

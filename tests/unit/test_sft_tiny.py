@@ -59,25 +59,7 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def reset_accelerate() -> None:
-    """Forget Accelerate's process-wide state (sft() leaves it set to its run's precision)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _isolated_module():
-    """One intra-op thread (tiny matrices: several times faster on a busy 2-core CPU), and
-    Accelerate's global state reset before and after, so other modules' sft runs with other
-    precisions are unaffected."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reset_accelerate()
-    yield
-    reset_accelerate()
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("isolated_torch")
 
 
 @pytest.fixture(scope="module")
@@ -245,10 +227,7 @@ def test_two_runs_with_different_precisions_in_one_process(
     tiny_model_dir, data_file, tmp_path
 ) -> None:
     extra = ("--report_to", "none", "--max_steps", "1", "--save_steps", "1")
-    try:
-        sft(sft_args(tiny_model_dir, data_file, tmp_path / "a", *extra))
-        args = sft_args(tiny_model_dir, data_file, tmp_path / "b", *extra)
-        args.torch_dtype = "bfloat16"
-        assert (sft(args) / "checkpoint-1").is_dir()
-    finally:
-        reset_accelerate()
+    sft(sft_args(tiny_model_dir, data_file, tmp_path / "a", *extra))
+    args = sft_args(tiny_model_dir, data_file, tmp_path / "b", *extra)
+    args.torch_dtype = "bfloat16"
+    assert (sft(args) / "checkpoint-1").is_dir()

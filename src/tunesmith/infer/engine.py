@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -97,7 +96,8 @@ def load_engine(args: InferCommandArgs) -> Engine:
         if i < len(adapters) - 1:
             model = model.merge_and_unload()  # apply adapters in order
     model.eval()
-    logger.info(f"loaded {name}" + (f" + {', '.join(map(str, adapters))}" if adapters else ""))
+    shown = args.model or recorded.get("model") or name
+    logger.info(f"loaded {shown}" + (f" + {', '.join(map(str, adapters))}" if adapters else ""))
     return Engine(model, tokenizer, system, device)
 
 
@@ -129,18 +129,16 @@ def chat_messages(
     return [*msgs, *history, {"role": "user", "content": query}]
 
 
-class _Printer:
+def text_streamer(tokenizer: Any, out: TextIO) -> Any:
     """A transformers streamer that writes decoded text to ``out`` as it arrives."""
+    from transformers import TextStreamer
 
-    def __init__(self, tokenizer: Any, out: TextIO) -> None:
-        from transformers import TextStreamer
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            out.write(text)
+            out.flush()
 
-        class S(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                out.write(text)
-                out.flush()
-
-        self.streamer = S(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 @torch.inference_mode()
@@ -154,14 +152,9 @@ def generate(
     tok = engine.tokenizer
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = tok(text, return_tensors="pt", add_special_tokens=False).to(engine.device)
-    streamer = _Printer(tok, stream_to).streamer if stream_to is not None else None
+    streamer = text_streamer(tok, stream_to) if stream_to is not None else None
     out = engine.model.generate(**inputs, **gen_kwargs, streamer=streamer)
     answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     if stream_to is not None and not answer.endswith("\n"):
         stream_to.write("\n")
     return answer
-
-
-def stdout() -> TextIO:
-    """Standard output (a function so tests can capture it)."""
-    return sys.stdout

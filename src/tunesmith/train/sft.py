@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +210,7 @@ def sft(args: SftArgs) -> Path:
             n_step = accelerator.reduce(n_step, reduction="sum").clamp(min=1)
             step_loss = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(micro):
-                ctx = accelerator.no_sync(loss_module) if i < len(micro) - 1 else _nullctx()
+                ctx = accelerator.no_sync(loss_module) if i < len(micro) - 1 else nullcontext()
                 with ctx:
                     loss_sum, n, correct = loss_module(**batch)
                     # DDP averages gradients over processes: scale by their number to get a
@@ -297,14 +298,6 @@ def sft(args: SftArgs) -> Path:
             f"process); last checkpoint: {last_ckpt}"
         )
     return run_dir
-
-
-class _nullctx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _scalar_config(d: dict) -> dict:
