@@ -177,7 +177,12 @@ class TrainArgs:
     )
     report_to: list[str] = arg(["tensorboard"], "trackers: tensorboard, or none")
     resume_from_checkpoint: str | None = arg(
-        None, "continue from a checkpoint", todo="exact resume (issue: training engine)"
+        None,
+        "continue a run exactly from a checkpoint (PATH, or auto: the newest of the newest run "
+        "in --output_dir), in the same run directory",
+    )
+    resume_only_model: bool = arg(
+        False, "with --resume_from_checkpoint: load only its weights and start a new run"
     )
     quantization_bit: int = arg(
         0, "load the base in 4 or 8 bits (QLoRA)", todo="QLoRA (issue: training engine)"

@@ -22,13 +22,21 @@ from tunesmith.model.load import (
     resolve_model,
 )
 from tunesmith.model.lora import CausalLMLoss, keep_activation_dtype, lora_config
-from tunesmith.train.checkpoint import new_run_dir, rotate, save_checkpoint
+from tunesmith.train.checkpoint import (
+    find_resume_checkpoint,
+    load_training_state,
+    new_run_dir,
+    restore_rng,
+    rotate,
+    save_checkpoint,
+)
 from tunesmith.train.track import (
     JsonlLog,
     evaluate,
     log_record,
     packing_report,
     plot_curves,
+    truncate_log,
 )
 from tunesmith.utils import UserError, logger, seed_everything, write_json
 
@@ -61,7 +69,14 @@ def sft(args: SftArgs) -> Path:
         args.model = "demo"
     _validate(args)
     seed_everything(args.seed)
-    run_dir = new_run_dir(Path(args.output_dir), args.add_version)
+    resume = None
+    if args.resume_from_checkpoint:
+        resume = find_resume_checkpoint(args.resume_from_checkpoint, Path(args.output_dir))
+    # An exact resume continues in its own run directory: one log, one TensorBoard run.
+    exact_resume = resume is not None and not args.resume_only_model
+    run_dir = (
+        resume.parent if exact_resume else new_run_dir(Path(args.output_dir), args.add_version)
+    )
     report_to = [r for r in args.report_to if r != "none"]
     # Accelerate keeps its settings process-wide; a second sft() in one process (tests, a
     # notebook) may ask for another precision.
@@ -118,6 +133,12 @@ def sft(args: SftArgs) -> Path:
             use_dora=args.use_dora,
         ),
     )
+    if resume is not None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(resume / "adapter_model.safetensors"))
+        logger.info(f"loaded the adapter of {resume}")
     keep_activation_dtype(model)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info(
@@ -168,11 +189,19 @@ def sft(args: SftArgs) -> Path:
         optimizer, lr_lambda(args.lr_scheduler_type, warmup, total_steps)
     )
 
+    step, epoch, skip = 0, 0, 0
+    if exact_resume:
+        position = load_training_state(resume, optimizer, scheduler)
+        step, epoch, skip = position["global_step"], position["epoch_index"], position["micro"]
+        logger.info(f"resuming at step {step} (epoch {epoch}, micro-batch {skip}) from {resume}")
+
     # 4. The run directory appears only now that data and model are known to be good.
     resolved = to_dict(args) | {"model_dir": str(model_dir), "run_dir": str(run_dir)}
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "args.json", resolved)
+        if exact_resume:
+            truncate_log(run_dir / "logging.jsonl", step)
         log = JsonlLog(run_dir / "logging.jsonl")
     if report_to:
         accelerator.init_trackers("runs", config=_scalar_config(resolved))
@@ -185,10 +214,11 @@ def sft(args: SftArgs) -> Path:
     # trained tokens of the whole step (all micro-batches, all processes), so accumulation
     # gives the same gradient as one large batch.
     model.train()
-    step, epoch, seen_tokens, t0 = 0, 0, 0, time.perf_counter()
+    seen_tokens, t0, first_step = 0, time.perf_counter(), step
     window: dict[str, float] = {"loss": 0.0, "tokens": 0, "trained": 0, "correct": 0, "t": t0}
     bar = tqdm(
         total=total_steps,
+        initial=step,
         desc="train",
         unit="step",
         disable=not main,
@@ -199,10 +229,19 @@ def sft(args: SftArgs) -> Path:
     while step < total_steps:
         loader.set_epoch(epoch)
         batches = iter(loader)
+        consumed = 0
+        if skip:
+            for _ in range(skip):
+                next(batches, None)
+            consumed, skip = skip, 0
+            # Starting the data iterator may draw from the global RNG; restore the saved
+            # states after it so dropout masks match the uninterrupted run.
+            restore_rng(resume)
         while step < total_steps:
             micro = [b for _, b in zip(range(ga), batches, strict=False)]
             if not micro:
                 break
+            consumed += len(micro)
             n_step = torch.tensor(
                 sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
                 device=accelerator.device,
@@ -247,6 +286,7 @@ def sft(args: SftArgs) -> Path:
                     scheduler.get_last_lr()[0],
                     grad_norm,
                     args.logging_steps,
+                    first_step,
                 )
                 if main:
                     log.write(record)
@@ -276,6 +316,8 @@ def sft(args: SftArgs) -> Path:
                         "global_step": step,
                         "max_steps": total_steps,
                         "epoch": step / steps_per_epoch,
+                        "epoch_index": epoch,
+                        "micro": consumed,
                     }
                     last_ckpt = save_checkpoint(
                         run_dir,
@@ -284,6 +326,8 @@ def sft(args: SftArgs) -> Path:
                         tokenizer=tokenizer,
                         args=resolved,
                         trainer_state=state,
+                        optimizer=optimizer,
+                        scheduler=scheduler,
                     )
                     rotate(run_dir, args.save_total_limit)
         epoch += 1
@@ -294,8 +338,8 @@ def sft(args: SftArgs) -> Path:
         log.close()
         plot_curves(run_dir / "logging.jsonl", run_dir / "images")
         logger.info(
-            f"trained {step} steps in {train_s:.1f}s ({seen_tokens / train_s:.0f} tokens/s per "
-            f"process); last checkpoint: {last_ckpt}"
+            f"trained {step - first_step} steps in {train_s:.1f}s "
+            f"({seen_tokens / train_s:.0f} tokens/s per process); last checkpoint: {last_ckpt}"
         )
     return run_dir
 

@@ -44,6 +44,16 @@ class JsonlLog:
         self.file.close()
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Drop records after ``step`` (a resumed run rewrites them), keeping the file's history."""
+    if not path.is_file():
+        return
+    kept = [r for r in read_log(path) if r.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), "utf-8")
+    os.replace(tmp, path)
+
+
 def read_log(path: Path) -> list[dict[str, Any]]:
     """The records of a ``logging.jsonl``."""
     with open(path, encoding="utf-8") as f:
@@ -133,6 +143,7 @@ def log_record(
     lr: float,
     grad_norm: float | None,
     every: int,
+    first_step: int = 0,
 ) -> dict[str, Any]:
     """One ``logging.jsonl`` line from the counters accumulated since the last one."""
     now = time.perf_counter()
@@ -150,5 +161,5 @@ def log_record(
         "trained_tokens_per_s": round(window["trained"] / span, 1),
         "memory_gb": round(memory_gb(), 3),
         "elapsed_s": round(elapsed, 2),
-        "remaining_s": round(elapsed / step * (total_steps - step), 2),
+        "remaining_s": round(elapsed / max(1, step - first_step) * (total_steps - step), 2),
     }

@@ -1,0 +1,87 @@
+"""Exact resume: stop after step 7 of 12, resume, and every loss equals the uninterrupted run's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunesmith.cli import parse_args
+from tunesmith.config import SftArgs
+from tunesmith.train.sft import sft
+from tunesmith.utils import UserError
+
+pytestmark = pytest.mark.usefixtures("isolated_torch")
+
+
+def _data(path: Path) -> Path:
+    rows = [
+        {"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i + 2)))}
+        for i in range(20)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _args(model: Path, data: Path, out: Path, *extra: str) -> SftArgs:
+    # Batch 2 x accumulation 2: 5 steps an epoch, so step 7 stops in the middle of epoch 2,
+    # and dropout makes the RNG state matter.
+    argv = ["--model", str(model), "--dataset", str(data), "--output_dir", str(out),
+            "--max_steps", "12", "--save_steps", "7", "--logging_steps", "1",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+            "--lora_dropout", "0.1", "--learning_rate", "2e-3", "--warmup_steps", "2",
+            "--torch_dtype", "float32", "--report_to", "none", *extra]  # fmt: skip
+    return parse_args(SftArgs, "tunesmith sft", "test", argv)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    lines = (run / "logging.jsonl").read_text(encoding="utf-8").splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def test_resume_equals_uninterrupted_training(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = _data(tmp_path / "d.jsonl")
+    full = sft(_args(tiny_model_dir, data, tmp_path / "a"))
+    assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-7"]
+
+    # The same run as if killed after step 7: its directory holds only what existed then.
+    cut = tmp_path / "b" / full.name
+    cut.mkdir(parents=True)
+    shutil.copytree(full / "checkpoint-7", cut / "checkpoint-7")
+    shutil.copy(full / "args.json", cut / "args.json")
+    kept = [ln for ln in (full / "logging.jsonl").read_text().splitlines() if ln.strip()][:7]
+    (cut / "logging.jsonl").write_text("\n".join(kept) + "\n" + '{"step": 8, "loss": 9.9}\n')
+
+    resumed = sft(_args(tiny_model_dir, data, tmp_path / "b", "--resume_from_checkpoint", "auto"))
+    assert resumed == cut  # continues in the same run directory
+    assert _losses(resumed) == _losses(full)  # all 12 losses, exactly
+    final_a = load_file(full / "checkpoint-12" / "adapter_model.safetensors")
+    final_b = load_file(resumed / "checkpoint-12" / "adapter_model.safetensors")
+    assert final_a.keys() == final_b.keys()
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_resume_only_model_starts_a_new_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = _data(tmp_path / "d.jsonl")
+    first = sft(_args(tiny_model_dir, data, tmp_path / "out"))
+    ckpt = first / "checkpoint-7"
+    second = sft(
+        _args(tiny_model_dir, data, tmp_path / "out", "--resume_from_checkpoint", str(ckpt),
+              "--resume_only_model", "true", "--max_steps", "1", "--lora_dropout", "0")
+    )  # fmt: skip
+    assert second != first and second.parent == first.parent
+    assert list(_losses(second)) == [1]
+
+
+def test_resume_from_a_checkpoint_without_state_is_refused(tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    (ckpt / "adapter_config.json").write_text("{}")
+    args = _args(tmp_path, tmp_path / "d.jsonl", tmp_path, "--resume_from_checkpoint", str(ckpt))
+    _data(tmp_path / "d.jsonl")
+    with pytest.raises(UserError, match="no optimizer/RNG state"):
+        sft(args)
