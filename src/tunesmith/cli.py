@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import DataCommandArgs, InferCommandArgs, SftArgs
-from tunesmith.utils import UserError, logger, setup_logging
+from tunesmith.utils import Interrupted, UserError, logger, setup_logging
 
 TRUE = {"true", "1", "yes", "y", "on"}
 FALSE = {"false", "0", "no", "n", "off"}
@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return command(argv[1:])
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

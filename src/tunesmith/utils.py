@@ -23,6 +23,10 @@ class UserError(Exception):
     """
 
 
+class Interrupted(UserError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint (exit status 130)."""
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Send tunesmith's log lines to stderr with a short timestamped format."""
     if logger.handlers:

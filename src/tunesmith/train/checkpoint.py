@@ -53,13 +53,19 @@ def save_checkpoint(
     With ``optimizer`` and ``scheduler`` it also holds what an exact resume needs.
     """
     final = Path(run_dir) / f"checkpoint-{step}"
-    with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "args.json", args)
-        write_json(tmp / "trainer_state.json", trainer_state)
-        if optimizer is not None and scheduler is not None:
-            save_training_state(tmp, optimizer, scheduler, trainer_state)
+    try:
+        with atomic_dir(final) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / "args.json", args)
+            write_json(tmp / "trainer_state.json", trainer_state)
+            if optimizer is not None and scheduler is not None:
+                save_training_state(tmp, optimizer, scheduler, trainer_state)
+    except OSError as e:
+        # atomic_dir removed the partial copy; every earlier checkpoint is untouched.
+        raise UserError(
+            f"could not save {final} ({e.strerror or e}); earlier checkpoints are intact"
+        ) from None
     logger.info(f"saved {final}")
     return final
 

@@ -30,6 +30,7 @@ from tunesmith.train.checkpoint import (
     rotate,
     save_checkpoint,
 )
+from tunesmith.train.stop import StopRequest
 from tunesmith.train.track import (
     JsonlLog,
     evaluate,
@@ -38,7 +39,7 @@ from tunesmith.train.track import (
     plot_curves,
     truncate_log,
 )
-from tunesmith.utils import UserError, logger, seed_everything, write_json
+from tunesmith.utils import Interrupted, UserError, logger, seed_everything, write_json
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
@@ -226,111 +227,125 @@ def sft(args: SftArgs) -> Path:
         mininterval=0.5 if sys.stderr.isatty() else 10.0,
     )
     last_ckpt = None
-    while step < total_steps:
-        loader.set_epoch(epoch)
-        batches = iter(loader)
-        consumed = 0
-        if skip:
-            for _ in range(skip):
-                next(batches, None)
-            consumed, skip = skip, 0
-            # Starting the data iterator may draw from the global RNG; restore the saved
-            # states after it so dropout masks match the uninterrupted run.
-            restore_rng(resume)
+    stop = StopRequest.install()
+    try:
         while step < total_steps:
-            micro = [b for _, b in zip(range(ga), batches, strict=False)]
-            if not micro:
-                break
-            consumed += len(micro)
-            n_step = torch.tensor(
-                sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
-                device=accelerator.device,
-            )
-            n_step = accelerator.reduce(n_step, reduction="sum").clamp(min=1)
-            step_loss = torch.zeros((), device=accelerator.device)
-            for i, batch in enumerate(micro):
-                ctx = accelerator.no_sync(loss_module) if i < len(micro) - 1 else nullcontext()
-                with ctx:
-                    loss_sum, n, correct = loss_module(**batch)
-                    # DDP averages gradients over processes: scale by their number to get a
-                    # sum over all tokens, divided by the global token count.
-                    accelerator.backward(loss_sum * accelerator.num_processes / n_step)
-                step_loss += loss_sum.detach()
-                window["correct"] += float(correct)
-                window["tokens"] += batch["input_ids"].numel()
-                seen_tokens += batch["input_ids"].numel()
-                window["trained"] += int(n)
-            grad_norm = None
-            if args.max_grad_norm > 0:
-                grad_norm = float(accelerator.clip_grad_norm_(params, args.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_val = float(accelerator.reduce(step_loss, reduction="sum") / n_step)
-            if not math.isfinite(loss_val):
-                raise UserError(
-                    f"the loss became {loss_val} at step {step}; lower --learning_rate or check "
-                    f"the data (last checkpoint: {last_ckpt or 'none'})"
+            loader.set_epoch(epoch)
+            batches = iter(loader)
+            consumed = 0
+            if skip:
+                for _ in range(skip):
+                    next(batches, None)
+                consumed, skip = skip, 0
+                # Starting the data iterator may draw from the global RNG; restore the saved
+                # states after it so dropout masks match the uninterrupted run.
+                restore_rng(resume)
+            while step < total_steps:
+                micro = [b for _, b in zip(range(ga), batches, strict=False)]
+                if not micro:
+                    break
+                consumed += len(micro)
+                n_step = torch.tensor(
+                    sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+                    device=accelerator.device,
                 )
-            window["loss"] += loss_val
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if step % args.logging_steps == 0 or step == total_steps:
-                record = log_record(
-                    window,
-                    step,
-                    steps_per_epoch,
-                    total_steps,
-                    t0,
-                    scheduler.get_last_lr()[0],
-                    grad_norm,
-                    args.logging_steps,
-                    first_step,
-                )
-                if main:
-                    log.write(record)
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                window = {
-                    "loss": 0.0,
-                    "tokens": 0,
-                    "trained": 0,
-                    "correct": 0,
-                    "t": time.perf_counter(),
-                }
-            if data.val and (
-                step == total_steps or (args.eval_steps and step % args.eval_steps == 0)
-            ):
-                record = {"step": step, **evaluate(loss_module, val_loader, accelerator)}
-                if main:
-                    log.write(record)
-                    bar.write(
-                        f"step {step}: eval_loss {record['eval_loss']:.4f}, "
-                        f"eval_token_acc {record['eval_token_acc']:.3f}"
+                n_step = accelerator.reduce(n_step, reduction="sum").clamp(min=1)
+                step_loss = torch.zeros((), device=accelerator.device)
+                for i, batch in enumerate(micro):
+                    ctx = accelerator.no_sync(loss_module) if i < len(micro) - 1 else nullcontext()
+                    with ctx:
+                        loss_sum, n, correct = loss_module(**batch)
+                        # DDP averages gradients over processes: scale by their number to get a
+                        # sum over all tokens, divided by the global token count.
+                        accelerator.backward(loss_sum * accelerator.num_processes / n_step)
+                    step_loss += loss_sum.detach()
+                    window["correct"] += float(correct)
+                    window["tokens"] += batch["input_ids"].numel()
+                    seen_tokens += batch["input_ids"].numel()
+                    window["trained"] += int(n)
+                grad_norm = None
+                if args.max_grad_norm > 0:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, args.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss_val = float(accelerator.reduce(step_loss, reduction="sum") / n_step)
+                if not math.isfinite(loss_val):
+                    raise UserError(
+                        f"the loss became {loss_val} at step {step}; lower --learning_rate or "
+                        f"check the data (last good checkpoint: {last_ckpt or 'none'})"
                     )
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-            if step % args.save_steps == 0 or step == total_steps:
-                accelerator.wait_for_everyone()
-                if main:
-                    state = {
-                        "global_step": step,
-                        "max_steps": total_steps,
-                        "epoch": step / steps_per_epoch,
-                        "epoch_index": epoch,
-                        "micro": consumed,
-                    }
-                    last_ckpt = save_checkpoint(
-                        run_dir,
+                window["loss"] += loss_val
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if step % args.logging_steps == 0 or step == total_steps:
+                    record = log_record(
+                        window,
                         step,
-                        model=accelerator.unwrap_model(loss_module).model,
-                        tokenizer=tokenizer,
-                        args=resolved,
-                        trainer_state=state,
-                        optimizer=optimizer,
-                        scheduler=scheduler,
+                        steps_per_epoch,
+                        total_steps,
+                        t0,
+                        scheduler.get_last_lr()[0],
+                        grad_norm,
+                        args.logging_steps,
+                        first_step,
                     )
-                    rotate(run_dir, args.save_total_limit)
-        epoch += 1
+                    if main:
+                        log.write(record)
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                    window = {
+                        "loss": 0.0,
+                        "tokens": 0,
+                        "trained": 0,
+                        "correct": 0,
+                        "t": time.perf_counter(),
+                    }
+                if data.val and (
+                    step == total_steps or (args.eval_steps and step % args.eval_steps == 0)
+                ):
+                    record = {"step": step, **evaluate(loss_module, val_loader, accelerator)}
+                    if main:
+                        log.write(record)
+                        bar.write(
+                            f"step {step}: eval_loss {record['eval_loss']:.4f}, "
+                            f"eval_token_acc {record['eval_token_acc']:.3f}"
+                        )
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                # Every process stops at the same step, whichever of them got the signal.
+                flag = torch.tensor(int(stop.requested is not None), device=accelerator.device)
+                stopping = bool(accelerator.reduce(flag, reduction="sum"))
+                if step % args.save_steps == 0 or step == total_steps or stopping:
+                    accelerator.wait_for_everyone()
+                    if main:
+                        state = {
+                            "global_step": step,
+                            "max_steps": total_steps,
+                            "epoch": step / steps_per_epoch,
+                            "epoch_index": epoch,
+                            "micro": consumed,
+                        }
+                        last_ckpt = save_checkpoint(
+                            run_dir,
+                            step,
+                            model=accelerator.unwrap_model(loss_module).model,
+                            tokenizer=tokenizer,
+                            args=resolved,
+                            trainer_state=state,
+                            optimizer=optimizer,
+                            scheduler=scheduler,
+                        )
+                        rotate(run_dir, args.save_total_limit, keep={last_ckpt})
+                if stopping:
+                    accelerator.end_training()
+                    raise Interrupted(
+                        f"{stop.requested or 'a stop signal'} received: saved {last_ckpt} after "
+                        f"step {step}; continue with the same command plus "
+                        "--resume_from_checkpoint auto"
+                    )
+            epoch += 1
+    finally:
+        stop.restore()
     bar.close()
     train_s = time.perf_counter() - t0
     accelerator.end_training()
