@@ -161,7 +161,23 @@ class TrainArgs:
     logging_steps: int = arg(5, "log loss, lr, grad norm and speed every N steps")
     eval_steps: int | None = arg(None, "evaluate every N steps (needs validation data)")
     save_steps: int = arg(500, "save a checkpoint every N steps; the last step is always saved")
-    save_total_limit: int | None = arg(None, "keep only the newest N checkpoints")
+    save_total_limit: int | None = arg(
+        None, "keep only the newest N checkpoints (the best one is always kept too)"
+    )
+    save_only_model: bool = arg(
+        False, "checkpoints without optimizer/RNG state (smaller, but cannot be resumed exactly)"
+    )
+    metric_for_best_model: str = arg(
+        "loss", "validation metric that picks the best checkpoint", choices=("loss", "token_acc")
+    )
+    load_best_model_at_end: bool = arg(
+        False,
+        "at the end, point the run at its best checkpoint (best_checkpoint.json), so "
+        "`infer --adapters RUN_DIR` uses it",
+    )
+    early_stop_interval: int | None = arg(
+        None, "stop after this many evaluations without improvement of the metric"
+    )
     dataloader_num_workers: int = arg(0, "worker processes feeding the training loop")
     lora_rank: int = arg(8, "LoRA rank r")
     lora_alpha: int = arg(32, "LoRA alpha (scaling = alpha / r)")

@@ -85,3 +85,44 @@ def test_resume_from_a_checkpoint_without_state_is_refused(tmp_path: Path) -> No
     _data(tmp_path / "d.jsonl")
     with pytest.raises(UserError, match="no optimizer/RNG state"):
         sft(args)
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = _data(tmp_path / "d.jsonl")
+    # A huge learning rate makes the validation loss get worse after the first evaluations.
+    args = _args(
+        tiny_model_dir, data, tmp_path / "out", "--split_dataset_ratio", "0.2",
+        "--eval_steps", "1", "--save_steps", "1", "--save_total_limit", "1",
+        "--early_stop_interval", "2", "--load_best_model_at_end", "true",
+        "--learning_rate", "0.3", "--warmup_steps", "0", "--max_steps", "40",
+    )  # fmt: skip
+    run = sft(args)
+    evals = [r for r in map(json.loads, (run / "logging.jsonl").read_text().splitlines())
+             if "eval_loss" in r]  # fmt: skip
+    losses = [r["eval_loss"] for r in evals]
+    best_step = evals[losses.index(min(losses))]["step"]
+    last_step = evals[-1]["step"]
+    assert last_step < 40  # stopped early ...
+    assert all(
+        x >= min(losses) for x in losses[-2:]
+    )  # ... after 2 evaluations without a better one
+    kept = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
+    assert kept == sorted({best_step, last_step})  # rotation kept the best and the newest
+    best = json.loads((run / "best_checkpoint.json").read_text())
+    assert best["best_step"] == best_step and best["best_model_checkpoint"].endswith(
+        f"checkpoint-{best_step}"
+    )
+    from tunesmith.infer.engine import check_adapter
+
+    assert check_adapter(str(run)).name == f"checkpoint-{best_step}"
+
+
+def test_save_only_model_checkpoints_cannot_resume(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = _data(tmp_path / "d.jsonl")
+    run = sft(_args(tiny_model_dir, data, tmp_path / "o", "--save_only_model", "true",
+                    "--max_steps", "2", "--save_steps", "2"))  # fmt: skip
+    ckpt = run / "checkpoint-2"
+    assert (ckpt / "adapter_model.safetensors").is_file()
+    assert not (ckpt / "training_state.safetensors").exists()
+    with pytest.raises(UserError, match="--resume_only_model"):
+        sft(_args(tiny_model_dir, data, tmp_path / "o", "--resume_from_checkpoint", str(ckpt)))

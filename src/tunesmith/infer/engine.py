@@ -48,6 +48,9 @@ def check_adapter(path: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"--adapters {path}: no such directory")
+    best = p / "best_checkpoint.json"
+    if best.is_file():  # a run trained with --load_best_model_at_end
+        p = Path(json.loads(best.read_text(encoding="utf-8"))["best_model_checkpoint"])
     if not (p / "adapter_config.json").is_file():
         ckpts = [c for c in list_checkpoints(p) if (c / "adapter_config.json").is_file()]
         hint = f" (did you mean {ckpts[-1]}?)" if ckpts else ""

@@ -32,6 +32,7 @@ from tunesmith.train.checkpoint import (
 )
 from tunesmith.train.stop import StopRequest
 from tunesmith.train.track import (
+    BestTracker,
     JsonlLog,
     evaluate,
     log_record,
@@ -227,6 +228,7 @@ def sft(args: SftArgs) -> Path:
         mininterval=0.5 if sys.stderr.isatty() else 10.0,
     )
     last_ckpt = None
+    best = BestTracker(args.metric_for_best_model, args.early_stop_interval)
     stop = StopRequest.install()
     try:
         while step < total_steps:
@@ -305,13 +307,20 @@ def sft(args: SftArgs) -> Path:
                     step == total_steps or (args.eval_steps and step % args.eval_steps == 0)
                 ):
                     record = {"step": step, **evaluate(loss_module, val_loader, accelerator)}
+                    mark = " (best)" if best.update(record, step) else ""
                     if main:
                         log.write(record)
                         bar.write(
                             f"step {step}: eval_loss {record['eval_loss']:.4f}, "
-                            f"eval_token_acc {record['eval_token_acc']:.3f}"
+                            f"eval_token_acc {record['eval_token_acc']:.3f}{mark}"
                         )
                     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                    if best.should_stop and step < total_steps:
+                        logger.info(
+                            f"early stop at step {step}: {best.bad_evals} evaluations without a "
+                            f"better {best.key} (best {best.best} at step {best.best_step})"
+                        )
+                        total_steps = step  # saves this step, then leaves the loop
                 # Every process stops at the same step, whichever of them got the signal.
                 flag = torch.tensor(int(stop.requested is not None), device=accelerator.device)
                 stopping = bool(accelerator.reduce(flag, reduction="sum"))
@@ -332,10 +341,12 @@ def sft(args: SftArgs) -> Path:
                             tokenizer=tokenizer,
                             args=resolved,
                             trainer_state=state,
-                            optimizer=optimizer,
+                            optimizer=None if args.save_only_model else optimizer,
                             scheduler=scheduler,
                         )
-                        rotate(run_dir, args.save_total_limit, keep={last_ckpt})
+                        if best.best_step == step:
+                            best.checkpoint = last_ckpt
+                        rotate(run_dir, args.save_total_limit, keep={last_ckpt, best.checkpoint})
                 if stopping:
                     accelerator.end_training()
                     raise Interrupted(
@@ -356,6 +367,14 @@ def sft(args: SftArgs) -> Path:
             f"trained {step - first_step} steps in {train_s:.1f}s "
             f"({seen_tokens / train_s:.0f} tokens/s per process); last checkpoint: {last_ckpt}"
         )
+        if best.best is not None:
+            logger.info(
+                f"best {best.key} {best.best} at step {best.best_step}: "
+                f"{best.checkpoint or 'not saved (no checkpoint at that step)'}"
+            )
+        if args.load_best_model_at_end and best.checkpoint is not None:
+            # `tunesmith infer --adapters RUN_DIR` then loads the best checkpoint.
+            write_json(run_dir / "best_checkpoint.json", best.state())
     return run_dir
 
 

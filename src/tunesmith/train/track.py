@@ -163,3 +163,41 @@ def log_record(
         "elapsed_s": round(elapsed, 2),
         "remaining_s": round(elapsed / max(1, step - first_step) * (total_steps - step), 2),
     }
+
+
+class BestTracker:
+    """Follows the validation metric: the best step, its checkpoint, and early stopping."""
+
+    def __init__(self, metric: str, patience: int | None) -> None:
+        self.key = f"eval_{metric}"
+        self.higher_is_better = metric == "token_acc"
+        self.patience = patience
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.checkpoint: Path | None = None
+        self.bad_evals = 0
+
+    def update(self, record: dict[str, Any], step: int) -> bool:
+        """Take one evaluation; True when it is the best so far."""
+        value = record[self.key]
+        better = self.best is None or (
+            value > self.best if self.higher_is_better else value < self.best
+        )
+        if better:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+        else:
+            self.bad_evals += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        """True after ``patience`` evaluations in a row without improvement."""
+        return bool(self.patience) and self.bad_evals >= self.patience  # type: ignore[operator]
+
+    def state(self) -> dict[str, Any]:
+        """What trainer_state.json records about the best model."""
+        return {
+            "best_metric": self.best,
+            "best_step": self.best_step,
+            "best_model_checkpoint": str(self.checkpoint) if self.checkpoint else None,
+        }
