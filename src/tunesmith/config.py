@@ -136,10 +136,10 @@ class TrainArgs:
 
     train_type: str = arg(
         "lora",
-        "what to train: lora (adapter) or full",
+        "what to train: lora (an adapter) or full (every weight; checkpoints are whole HF "
+        "model directories)",
         choices=("lora", "full"),
         aliases=("tuner_type",),
-        todo="full fine-tuning (issue: training engine)",
     )
     output_dir: str = arg("output", "runs are written to OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/")
     add_version: bool = arg(True, "write into a new vN-timestamp subdirectory of --output_dir")

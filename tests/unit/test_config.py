@@ -156,7 +156,8 @@ def test_not_implemented_flag_at_its_default_is_accepted() -> None:
     args = infer(["--merge_lora", "false", "--infer_backend", "pt"])
     assert args.merge_lora is False and args.infer_backend == "pt"
     with pytest.raises(UserError, match="not implemented yet"):
-        sft(["--train_type", "full"])
+        sft(["--quantization_bit", "4"])
+    assert sft(["--quantization_bit", "0"]).quantization_bit == 0
 
 
 # --- mistakes -------------------------------------------------------------------------------

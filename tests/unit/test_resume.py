@@ -126,3 +126,33 @@ def test_save_only_model_checkpoints_cannot_resume(tiny_model_dir: Path, tmp_pat
     assert not (ckpt / "training_state.safetensors").exists()
     with pytest.raises(UserError, match="--resume_only_model"):
         sft(_args(tiny_model_dir, data, tmp_path / "o", "--resume_from_checkpoint", str(ckpt)))
+
+
+def test_full_fine_tuning_saves_hf_models_and_resumes_exactly(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = _data(tmp_path / "d.jsonl")
+    extra = ("--train_type", "full", "--max_steps", "4", "--save_steps", "2")
+    full = sft(_args(tiny_model_dir, data, tmp_path / "a", *extra))
+    ckpt = full / "checkpoint-4"
+    tuned = AutoModelForCausalLM.from_pretrained(ckpt)  # a plain transformers directory
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert AutoTokenizer.from_pretrained(ckpt).chat_template
+    changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert len(changed) == len(list(base.parameters()))  # every weight trained
+
+    cut = tmp_path / "b" / full.name
+    cut.mkdir(parents=True)
+    shutil.copytree(full / "checkpoint-2", cut / "checkpoint-2")
+    shutil.copy(full / "args.json", cut / "args.json")
+    resumed = sft(
+        _args(tiny_model_dir, data, tmp_path / "b", *extra, "--resume_from_checkpoint", "auto")
+    )
+    assert [v for k, v in sorted(_losses(resumed).items()) if k > 2] == [
+        v for k, v in sorted(_losses(full).items()) if k > 2
+    ]
+    again = load_file(resumed / "checkpoint-4" / "model.safetensors")
+    first = load_file(ckpt / "model.safetensors")
+    assert all(torch.equal(first[k], again[k]) for k in first)

@@ -178,7 +178,7 @@ def find_resume_checkpoint(value: str, output_dir: Path) -> Path:
                 return ckpts[-1]
         raise UserError(f"--resume_from_checkpoint auto: no checkpoint to resume in {output_dir}")
     path = Path(value).expanduser()
-    if not (path / "adapter_config.json").is_file():
+    if not any((path / n).is_file() for n in ("adapter_config.json", "config.json")):
         raise UserError(f"--resume_from_checkpoint {value}: not a checkpoint directory")
     if not (path / "training_state.json").is_file():
         raise UserError(

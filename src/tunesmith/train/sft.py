@@ -115,17 +115,19 @@ def sft(args: SftArgs) -> Path:
         + (f", {len(data.val)} validation samples" if data.val else "")
     )
 
-    # 2. Model: base in the compute dtype, LoRA weights and optimizer state in fp32.
-    model = load_model(model_dir, dtype, args.attn_impl)
+    # 2. Model. LoRA: the base in the compute dtype, adapter weights and optimizer state in
+    # fp32. Full: fp32 master weights, computed in the compute dtype under autocast.
+    full = args.train_type == "full"
+    weights_dir = resume if (full and resume is not None) else model_dir
+    model = load_model(weights_dir, torch.float32 if full else dtype, args.attn_impl)
     model.config.use_cache = False
     grad_ckpt = args.gradient_checkpointing
     if grad_ckpt is None:
         grad_ckpt = accelerator.device.type == "cuda"
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(
-        model,
-        lora_config(
+    if not full:
+        model = get_peft_model(model, lora_config(
             rank=args.lora_rank,
             alpha=args.lora_alpha,
             dropout=args.lora_dropout,
@@ -133,20 +135,21 @@ def sft(args: SftArgs) -> Path:
             modules_to_save=args.modules_to_save,
             use_rslora=args.use_rslora,
             use_dora=args.use_dora,
-        ),
-    )
-    if resume is not None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        ))  # fmt: skip
+        if resume is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
 
-        set_peft_model_state_dict(model, load_file(resume / "adapter_model.safetensors"))
-        logger.info(f"loaded the adapter of {resume}")
-    keep_activation_dtype(model)
-    trainable, total = model.get_nb_trainable_parameters()
+            set_peft_model_state_dict(model, load_file(resume / "adapter_model.safetensors"))
+        keep_activation_dtype(model)
+    if resume is not None:
+        logger.info(f"loaded the weights of {resume}")
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    what = "full fine-tuning" if full else f"LoRA r={args.lora_rank}"
     logger.info(
         f"model {args.model} ({total / 1e6:.0f}M params, {str(dtype).removeprefix('torch.')}), "
-        f"LoRA r={args.lora_rank}: {trainable / 1e6:.2f}M trainable "
-        f"({100 * trainable / total:.2f}%)"
+        f"{what}: {trainable / 1e6:.2f}M trainable ({100 * trainable / total:.2f}%)"
     )
 
     # 3. Optimizer, schedule, data loader; Accelerate places and (if distributed) shards them.
