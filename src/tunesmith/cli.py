@@ -242,7 +242,7 @@ Fine-tune open chat LLMs and put the result to work. Flag names follow ms-swift,
 `swift sft ...` works as `tunesmith sft ...`.
 
 commands:
-  sft      fine-tune a model (LoRA) on your data
+  sft      fine-tune a model (LoRA, or full) on your data
            tunesmith sft --model demo --dataset self-cognition --model_name 小智 --model_author 星河
   infer    chat with a model or a checkpoint
            tunesmith infer --adapters output/v0-.../checkpoint-30
