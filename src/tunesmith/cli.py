@@ -17,7 +17,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import DataCommandArgs, InferCommandArgs, SftArgs
+from tunesmith.config import (
+    DataCommandArgs,
+    ExportArgs,
+    InferCommandArgs,
+    SftArgs,
+    from_dict,
+    to_dict,
+)
 from tunesmith.utils import Interrupted, UserError, logger, setup_logging
 
 TRUE = {"true", "1", "yes", "y", "on"}
@@ -234,7 +241,23 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"sft": cmd_sft, "infer": cmd_infer, "data": cmd_data}
+def cmd_export(argv: list[str]) -> int:
+    """``tunesmith export``: merge LoRA adapters into a plain Hugging Face model directory."""
+    args = parse_args(
+        ExportArgs, "tunesmith export", "Merge adapters into a standalone model.", argv
+    )
+    from tunesmith.export.merge import merge_and_save, merged_dir
+    from tunesmith.infer.engine import check_adapter, load_engine
+
+    if not args.adapters or not args.merge_lora:
+        raise UserError("tunesmith export: pass --adapters CHECKPOINT --merge_lora true")
+    out = merged_dir(check_adapter(args.adapters[-1]), args.output_dir)
+    engine = load_engine(from_dict(InferCommandArgs, to_dict(args)))
+    merge_and_save(engine, out)
+    return 0
+
+
+COMMANDS = {"sft": cmd_sft, "infer": cmd_infer, "data": cmd_data, "export": cmd_export}
 
 USAGE = """usage: tunesmith COMMAND [flags]
 
@@ -248,6 +271,8 @@ commands:
            tunesmith infer --adapters output/v0-.../checkpoint-30
   data     check a dataset: statistics and a preview of what is trained
            tunesmith data --dataset my.jsonl --model demo
+  export   merge LoRA adapters into a standalone Hugging Face model directory
+           tunesmith export --adapters output/v0-.../checkpoint-30 --merge_lora true
 
 `tunesmith COMMAND --help` lists every flag of a command with its default.
 """

@@ -236,7 +236,7 @@ class InferArgs:
         todo="the vLLM backend (issue: inference and export)",
     )
     merge_lora: bool = arg(
-        False, "merge the adapter into the base", todo="merge (issue: inference and export)"
+        False, "merge the adapters into the base, save CHECKPOINT-merged/ and chat with it"
     )
     max_model_len: int | None = arg(
         None, "vLLM context length", todo="the vLLM backend (issue: inference and export)"
@@ -250,6 +250,19 @@ class DataCommandArgs(DataArgs, TemplateArgs, ModelArgs):
     packing: bool = arg(False, "also report how the samples would pack into --max_length")
     preview: int = arg(2, "rendered samples to show, trained tokens highlighted")
     color: str = arg("auto", "highlight with terminal colours", choices=("auto", "always", "never"))
+
+
+@dataclass
+class ExportArgs(TemplateArgs, ModelArgs):
+    """Everything ``tunesmith export`` takes."""
+
+    adapters: list[str] = arg([], "LoRA checkpoints to export (base model from args.json)")
+    merge_lora: bool = arg(False, "merge the adapters into the base model")
+    output_dir: str | None = arg(None, "where to write (default: CHECKPOINT-merged)")
+    to: str | None = arg(
+        None, "another format", choices=("gguf", "ollama"), todo="GGUF/Ollama export (issue 6)"
+    )
+    push_to_hub: bool = arg(False, "upload the result", todo="hub upload (issue 6)")
 
 
 @dataclass

@@ -141,7 +141,7 @@ def test_infer_with_model_command() -> None:
     ("argv", "flag"),
     [
         (["--merge_lora", "true", "--infer_backend", "vllm"], None),
-        (["--merge_lora", "true"], "--merge_lora"),
+        (["--max_model_len", "8192"], "--max_model_len"),
         (["--infer_backend", "vllm"], "--infer_backend"),
     ],
 )
@@ -281,7 +281,7 @@ def test_yaml_missing_file(tmp_path) -> None:
 
 def test_yaml_todo_flag_is_refused(tmp_path) -> None:
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("merge_lora: true\n", encoding="utf-8")
+    cfg.write_text("infer_backend: vllm\n", encoding="utf-8")
     with pytest.raises(UserError, match="not implemented yet"):
         infer(["--config", str(cfg)])
 

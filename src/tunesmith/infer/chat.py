@@ -15,6 +15,11 @@ HELP = "commands: /clear (forget the conversation), /system TEXT (new system pro
 def infer(args: InferCommandArgs) -> None:
     """Chat in the terminal, or answer each line of piped stdin as its own query."""
     engine = load_engine(args)
+    if args.merge_lora and args.adapters:
+        from tunesmith.export.merge import merge_and_save, merged_dir
+        from tunesmith.infer.engine import check_adapter
+
+        merge_and_save(engine, merged_dir(check_adapter(args.adapters[-1]), None))
     gen = generation_kwargs(args, engine.tokenizer)
     torch.manual_seed(args.seed)
     out = sys.stdout

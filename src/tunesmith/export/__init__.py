@@ -1,0 +1,1 @@
+"""Export: merged Hugging Face model directories (GGUF and Ollama to come)."""
