@@ -69,3 +69,16 @@ def isolated_torch():
     yield
     reset()
     torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def _log_to_this_tests_stderr():
+    """``setup_logging`` binds its handler to the ``sys.stderr`` of its first call; clear it so
+    each test's log lines reach capsys (not a closed stream of an earlier test), then restore."""
+    import logging
+
+    log = logging.getLogger("tunesmith")
+    saved = log.handlers[:]
+    log.handlers.clear()
+    yield
+    log.handlers[:] = saved

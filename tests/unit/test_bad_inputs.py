@@ -16,23 +16,12 @@ from pathlib import Path
 import pytest
 
 from tunesmith.cli import main
-from tunesmith.utils import logger
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "bad"
 EXPECTED: dict[str, dict] = json.loads((CORPUS / "EXPECTED.json").read_text("utf-8"))["files"]
 
 GOOD = {"instruction": "Say hi.", "output": "Hi!"}
 GOOD_LINE = json.dumps(GOOD)
-
-
-@pytest.fixture(autouse=True)
-def _log_to_this_tests_stderr():
-    """``setup_logging`` binds its handler to the ``sys.stderr`` of the first call; clear it so
-    each test's log lines reach capsys (not a closed stream of an earlier test)."""
-    saved = logger.handlers[:]
-    logger.handlers.clear()
-    yield
-    logger.handlers[:] = saved
 
 
 def run_data(capsys, model_dir: Path, *datasets: Path, extra: tuple[str, ...] = ()):

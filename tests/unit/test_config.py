@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 import shlex
 
@@ -35,15 +34,6 @@ INFER_ADAPTERS = """swift infer --adapters output/vx-xxx/checkpoint-xxx --stream
 
 INFER_MODEL = """swift infer --model Qwen2.5-7B-Instruct --model_type qwen --stream true
 --temperature 0 --max_new_tokens 2048"""
-
-
-@pytest.fixture(autouse=True)
-def _restore_log_handlers():
-    """main() attaches a handler on the (captured) stderr; keep it out of later tests."""
-    log = logging.getLogger("tunesmith")
-    before = list(log.handlers)
-    yield
-    log.handlers[:] = before
 
 
 def argv_of(command: str) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -28,15 +27,6 @@ SYSTEM = "You are a test bot."
 
 
 pytestmark = pytest.mark.usefixtures("isolated_torch")
-
-
-@pytest.fixture(autouse=True)
-def _restore_log_handlers():
-    """main() attaches a stderr handler to the tunesmith logger; keep it out of later tests."""
-    log = logging.getLogger("tunesmith")
-    before = list(log.handlers)
-    yield
-    log.handlers[:] = before
 
 
 @pytest.fixture(scope="module")

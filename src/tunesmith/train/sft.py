@@ -30,6 +30,7 @@ from tunesmith.train.checkpoint import (
     rotate,
     save_checkpoint,
 )
+from tunesmith.train.optim import adamw, lr_lambda
 from tunesmith.train.stop import StopRequest
 from tunesmith.train.track import (
     BestTracker,
@@ -41,22 +42,6 @@ from tunesmith.train.track import (
     truncate_log,
 )
 from tunesmith.utils import Interrupted, UserError, logger, seed_everything, write_json
-
-
-def lr_lambda(kind: str, warmup: int, total: int):
-    """Multiplier of the peak learning rate at each step: linear warmup, then the schedule."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
 
 
 def sft(args: SftArgs) -> Path:
@@ -154,17 +139,7 @@ def sft(args: SftArgs) -> Path:
 
     # 3. Optimizer, schedule, data loader; Accelerate places and (if distributed) shards them.
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": args.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        fused=accelerator.device.type == "cuda",
-    )
+    optimizer = adamw(params, args, fused=accelerator.device.type == "cuda")
     loader = torch.utils.data.DataLoader(
         items,
         batch_size=args.per_device_train_batch_size,
