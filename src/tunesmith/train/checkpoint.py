@@ -149,10 +149,12 @@ def restore_rng(path: Path) -> None:
     """Set the Python, NumPy, torch (and CUDA) random states saved in a checkpoint."""
     import numpy as np
     import torch
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     meta = json.loads((path / "training_state.json").read_text(encoding="utf-8"))
-    tensors = load_file(path / "training_state.safetensors")
+    # Read only the small RNG tensors, not the optimizer state stored beside them.
+    with safe_open(path / "training_state.safetensors", framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith("rng.")}  # noqa: SIM118
     torch.set_rng_state(tensors["rng.torch"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
