@@ -35,6 +35,7 @@ from tunesmith.train.stop import StopRequest
 from tunesmith.train.track import (
     BestTracker,
     JsonlLog,
+    check_trackers,
     evaluate,
     log_record,
     packing_report,
@@ -64,7 +65,7 @@ def sft(args: SftArgs) -> Path:
     run_dir = (
         resume.parent if exact_resume else new_run_dir(Path(args.output_dir), args.add_version)
     )
-    report_to = [r for r in args.report_to if r != "none"]
+    report_to = check_trackers(args.report_to)
     # Accelerate keeps its settings process-wide; a second sft() in one process (tests, a
     # notebook) may ask for another precision.
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -8,7 +8,44 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunesmith.utils import logger
+from tunesmith.utils import UserError, logger
+
+# --report_to names Accelerate understands, with the module (and pip package) each needs.
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "swanlab": "swanlab",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "trackio": "trackio",
+}
+
+
+def check_trackers(report_to: list[str]) -> list[str]:
+    """The ``--report_to`` trackers to use ("none" dropped), each known and installed.
+
+    Accelerate skips a tracker whose package is missing with only a warning, so a run meant
+    for wandb would train for hours and log nowhere; refuse before anything starts instead.
+    """
+    import importlib.util
+
+    chosen = [r for r in report_to if r != "none"]
+    for name in chosen:
+        if name == "all":  # Accelerate: every tracker that is installed
+            continue
+        if name not in TRACKERS:
+            raise UserError(
+                f"--report_to {name}: unknown tracker; choose from none, all, {', '.join(TRACKERS)}"
+            )
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise UserError(
+                f"--report_to {name}: {name} is not installed; pip install {TRACKERS[name]} "
+                "(or --report_to none)"
+            )
+    return chosen
 
 
 def memory_gb() -> float:
