@@ -12,6 +12,7 @@ import torch
 from tunesmith.config import InferCommandArgs
 from tunesmith.model.load import (
     check_model_type,
+    has_tokenizer,
     load_model,
     load_tokenizer,
     resolve_dtype,
@@ -86,7 +87,9 @@ def load_engine(args: InferCommandArgs) -> Engine:
     model_dir = resolve_model(name, args.use_hf)
     check_model_type(model_dir, args.model_type, args.template)
     dtype = resolve_dtype(args.torch_dtype, device.type)
-    tokenizer = load_tokenizer(adapters[-1] if adapters else model_dir)
+    # sft checkpoints carry the tokenizer they were trained with; a bare peft adapter does not.
+    tok_dir = adapters[-1] if adapters and has_tokenizer(adapters[-1]) else model_dir
+    tokenizer = load_tokenizer(tok_dir)
     model = load_model(model_dir, dtype, args.attn_impl, device=device)
     for i, adapter in enumerate(adapters):
         try:

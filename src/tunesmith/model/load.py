@@ -252,11 +252,27 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(path: Path) -> bool:
+    """True when ``path`` holds tokenizer files (sft checkpoints do; bare peft adapters don't)."""
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: Path) -> Any:
     """Load the tokenizer (with its chat template) of a local model directory."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    if not has_tokenizer(path):
+        raise UserError(f"{path}: no usable tokenizer there (no {' / '.join(TOKENIZER_FILES)})")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{path}: no usable tokenizer there (tokenizer.json / tokenizer_config.json): {first}"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
