@@ -17,6 +17,7 @@ from tunesmith.model.load import (
     resolve_dtype,
     resolve_model,
 )
+from tunesmith.model.quant import recorded_bnb_config
 from tunesmith.train.checkpoint import list_checkpoints
 from tunesmith.utils import UserError, logger
 
@@ -87,7 +88,9 @@ def load_engine(args: InferCommandArgs) -> Engine:
     check_model_type(model_dir, args.model_type, args.template)
     dtype = resolve_dtype(args.torch_dtype, device.type)
     tokenizer = load_tokenizer(adapters[-1] if adapters else model_dir)
-    model = load_model(model_dir, dtype, args.attn_impl, device=device)
+    # A QLoRA adapter meets its base quantized as in training; a merge needs full precision.
+    bnb = None if args.merge_lora else recorded_bnb_config(recorded, dtype, device.type)
+    model = load_model(model_dir, dtype, args.attn_impl, device=device, quantization_config=bnb)
     for i, adapter in enumerate(adapters):
         try:
             model = PeftModel.from_pretrained(model, adapter)
