@@ -25,7 +25,8 @@ Usage (needs a CUDA GPU; bitsandbytes importable for the 4-bit runs; no network)
     python bench/gpu_train.py --tokenizer /tmp/tok [--shapes 0.5b 7b] [--runs lora qlora peft
         peft_qlora] [--seq 2048] [--steps 8] [--work /tmp/tunesmith-gpu-bench]
 Results: printed, and appended to $OUT/gpu_train.jsonl (else bench/out/gpu_train.jsonl), with
-each run's full log beside it. Model directories in --work are reused by later calls.
+the tails of every run's log in gpu_train_logs.txt beside it (full logs in WORK/logs). Model
+directories in --work are reused by later calls.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ def main() -> None:
     a = p.parse_args()
     work = Path(a.work)
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "out"
-    logs = out_dir / "gpu_train_logs"
+    logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     data = write_dataset(work / "data" / f"long-{a.seq}.jsonl", a.seq)
     results = []
     t_all = time.perf_counter()
@@ -100,7 +102,12 @@ def main() -> None:
             with open(out_dir / "gpu_train.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(r) + "\n")
     print(table(results))
-    print(f"total {time.perf_counter() - t_all:.0f}s; logs in {logs}")
+    # One file of log tails: the device tool brings back few files.
+    with open(out_dir / "gpu_train_logs.txt", "w", encoding="utf-8") as f:
+        for log in sorted(logs.glob("*.log")):
+            lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+            f.write(f"===== {log.name}\n" + "\n".join(x[-400:] for x in lines[-80:]) + "\n")
+    print(f"total {time.perf_counter() - t_all:.0f}s; logs in {logs}, tails in {out_dir}")
 
 
 def child(cmd: list[str], log: Path, timeout: int) -> dict:
