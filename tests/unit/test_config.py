@@ -146,8 +146,8 @@ def test_not_implemented_flag_at_its_default_is_accepted() -> None:
     args = infer(["--merge_lora", "false", "--infer_backend", "pt"])
     assert args.merge_lora is False and args.infer_backend == "pt"
     with pytest.raises(UserError, match="not implemented yet"):
-        sft(["--quantization_bit", "4"])
-    assert sft(["--quantization_bit", "0"]).quantization_bit == 0
+        sft(["--deepspeed", "zero2"])
+    assert sft(["--deepspeed", "none"]).deepspeed is None
 
 
 # --- mistakes -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from tunesmith.model.load import (
     resolve_dtype,
     resolve_model,
 )
+from tunesmith.model.quant import recorded_bnb_config
 from tunesmith.train.checkpoint import list_checkpoints
 from tunesmith.utils import UserError, logger
 
@@ -90,7 +91,9 @@ def load_engine(args: InferCommandArgs) -> Engine:
     # sft checkpoints carry the tokenizer they were trained with; a bare peft adapter does not.
     tok_dir = adapters[-1] if adapters and has_tokenizer(adapters[-1]) else model_dir
     tokenizer = load_tokenizer(tok_dir)
-    model = load_model(model_dir, dtype, args.attn_impl, device=device)
+    # A QLoRA adapter meets its base quantized as in training; a merge needs full precision.
+    bnb = None if args.merge_lora else recorded_bnb_config(recorded, dtype, device.type)
+    model = load_model(model_dir, dtype, args.attn_impl, device=device, quantization_config=bnb)
     for i, adapter in enumerate(adapters):
         try:
             model = PeftModel.from_pretrained(model, adapter)

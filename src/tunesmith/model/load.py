@@ -282,13 +282,27 @@ def load_tokenizer(path: Path) -> Any:
     return tok
 
 
-def load_model(path: Path, dtype: Any, attn_impl: str = "sdpa", device: Any = None) -> Any:
-    """Load a causal LM from a local directory in ``dtype`` (on ``device`` when given)."""
+def load_model(
+    path: Path,
+    dtype: Any,
+    attn_impl: str = "sdpa",
+    device: Any = None,
+    quantization_config: Any = None,
+) -> Any:
+    """Load a causal LM from a local directory in ``dtype`` (on ``device`` when given).
+
+    ``quantization_config`` (a ``BitsAndBytesConfig``, see ``model/quant.py``) quantizes the
+    linear layers while they load; the other weights stay in ``dtype``.
+    """
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_impl, device_map=device
+            path,
+            dtype=dtype,
+            attn_implementation=attn_impl,
+            device_map=device,
+            quantization_config=quantization_config,
         )
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: could not load the model ({e})") from None

@@ -14,6 +14,7 @@ import torch
 from tunesmith.config import SftArgs, to_dict
 from tunesmith.data.collate import collate, pack
 from tunesmith.data.prepare import load_conversations, prepare
+from tunesmith.model import quant
 from tunesmith.model.load import (
     check_model_type,
     load_model,
@@ -71,6 +72,7 @@ def sft(args: SftArgs) -> Path:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     dtype = resolve_dtype(args.torch_dtype, PartialState().device.type)
+    quant.check_lora_dtype(args.lora_dtype, dtype, args.train_type == "full")
     accelerator = Accelerator(
         # Autocast runs the fp32 LoRA weights in the base's dtype: no fp32 copies of the
         # activations, and one mixed-precision path on CPU and GPU alike.
@@ -101,11 +103,19 @@ def sft(args: SftArgs) -> Path:
         + (f", {len(data.val)} validation samples" if data.val else "")
     )
 
-    # 2. Model. LoRA: the base in the compute dtype, adapter weights and optimizer state in
-    # fp32. Full: fp32 master weights, computed in the compute dtype under autocast.
+    # 2. Model. LoRA: the base in the compute dtype (QLoRA: its linear layers in 4/8 bits),
+    # adapter weights and optimizer state in --lora_dtype (fp32). Full: fp32 master weights,
+    # computed in the compute dtype under autocast.
     full = args.train_type == "full"
     weights_dir = resume if (full and resume is not None) else model_dir
-    model = load_model(weights_dir, torch.float32 if full else dtype, args.attn_impl)
+    bnb = quant.bnb_config_from(to_dict(args), dtype)
+    model = load_model(
+        weights_dir,
+        torch.float32 if full else dtype,
+        args.attn_impl,
+        device=accelerator.device if bnb else None,  # bitsandbytes quantizes on the GPU
+        quantization_config=bnb,
+    )
     model.config.use_cache = False
     grad_ckpt = args.gradient_checkpointing
     if grad_ckpt is None:
@@ -122,17 +132,20 @@ def sft(args: SftArgs) -> Path:
             use_rslora=args.use_rslora,
             use_dora=args.use_dora,
         ))  # fmt: skip
+        quant.set_lora_dtype(model, args.lora_dtype)
         if resume is not None:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(model, load_file(resume / "adapter_model.safetensors"))
-        keep_activation_dtype(model)
+        if dtype != torch.float32:  # under autocast; without it peft's input cast is needed
+            keep_activation_dtype(model)
     if resume is not None:
         logger.info(f"loaded the weights of {resume}")
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, total = quant.param_counts(model)
     what = "full fine-tuning" if full else f"LoRA r={args.lora_rank}"
+    if bnb is not None:
+        what = f"QLoRA ({args.quantization_bit}-bit base) r={args.lora_rank}"
     logger.info(
         f"model {args.model} ({total / 1e6:.0f}M params, {str(dtype).removeprefix('torch.')}), "
         f"{what}: {trainable / 1e6:.2f}M trainable ({100 * trainable / total:.2f}%)"
@@ -195,6 +208,8 @@ def sft(args: SftArgs) -> Path:
     # trained tokens of the whole step (all micro-batches, all processes), so accumulation
     # gives the same gradient as one large batch.
     model.train()
+    if torch.cuda.is_available():  # the logged memory_gb is then the training peak
+        torch.cuda.reset_peak_memory_stats()
     seen_tokens, t0, first_step = 0, time.perf_counter(), step
     window: dict[str, float] = {"loss": 0.0, "tokens": 0, "trained": 0, "correct": 0, "t": t0}
     bar = tqdm(
@@ -374,6 +389,7 @@ def _validate(args: SftArgs) -> None:
         raise UserError("--num_train_epochs must be positive (or give --max_steps)")
     if not 0 <= args.warmup_ratio < 1:
         raise UserError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    quant.check_quantization(args)
     if args.eval_steps and not (args.val_dataset or args.split_dataset_ratio):
         logger.info(
             "note: --eval_steps is set but there is no validation data; nothing to evaluate"

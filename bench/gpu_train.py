@@ -1,0 +1,319 @@
+"""GPU memory and speed of ``tunesmith sft``: LoRA bf16 and QLoRA 4-bit, beside plain peft.
+
+For each model shape (random weights, Qwen2.5 architecture) this runs, each in a fresh
+process so that every peak is its own:
+
+- ``lora``: ``tunesmith sft --train_type lora --torch_dtype bfloat16`` (the real code path:
+  flag parsing, data pipeline, Accelerate loop, checkpoint), a few steps on fixed-length samples;
+- ``qlora``: the same with ``--quantization_bit 4`` (nf4, double quantization, bf16 compute);
+- ``peft``: the peers' baseline, plain transformers + peft with gradient checkpointing (the
+  ``peft`` variant of shared/peers/lora_baseline.py), on random token ids of the same length;
+- ``peft_qlora``: the same on a 4-bit base prepared with peft's
+  ``prepare_model_for_kbit_training`` (what HF-Trainer-based tools do for QLoRA).
+
+Figures per run (one JSON line): peak GPU memory of the training steps (tunesmith resets the
+peak before its loop and logs ``memory_gb`` each step; the baselines reset it before theirs),
+median step time over the steps after the first two, tokens/s = seq / median step, the last
+loss, device name. All runs: batch 1, LoRA r8 alpha 32 dropout 0 on all linear layers, AdamW,
+SDPA, gradient checkpointing, ``--max_length`` SEQ with samples cut to exactly SEQ tokens.
+
+Shapes: ``7b`` = Qwen2.5-7B-Instruct, ``0.5b`` = the demo model (Qwen2.5-0.5B, untied, as
+the demo model's conversion is; the peers' 0.5b anchor was tied). Weights are random
+(``from_config`` on the GPU in bf16, saved once); the Qwen2.5 tokenizer comes from a directory.
+
+Usage (needs a CUDA GPU; bitsandbytes importable for the 4-bit runs; no network):
+    python bench/gpu_train.py --tokenizer /tmp/tok [--shapes 0.5b 7b] [--runs lora qlora peft
+        peft_qlora] [--seq 2048] [--steps 8] [--work /tmp/tunesmith-gpu-bench]
+Results: printed, and appended to $OUT/gpu_train.jsonl (else bench/out/gpu_train.jsonl), with
+the tails of every run's log in gpu_train_logs.txt beside it (full logs in WORK/logs). Model
+directories in --work are reused by later calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {
+    "7b": dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+    ),
+    "0.5b": dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+    ),
+    # Only to check this script's plumbing on a CPU (--device cpu).
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=151936,
+    ),
+}  # fmt: skip
+RUNS = ("lora", "qlora", "peft", "peft_qlora")
+LORA = dict(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+WORDS = """the model learns from data and each step updates a small adapter while the base stays
+frozen so memory goes to activations of long sequences in a river valley an old town keeps its
+bridges stone walls gardens markets music trains night morning light people travel north south
+east west carrying letters bread tools books stories questions answers""".split()  # noqa: SIM905
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokenizer", required=True, help="directory with the Qwen2.5 tokenizer")
+    p.add_argument("--shapes", nargs="+", default=["0.5b", "7b"], choices=list(SHAPES))
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    p.add_argument("--seq", type=int, default=2048, help="tokens per sample")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
+    p.add_argument("--work", default="/tmp/tunesmith-gpu-bench", help="models, data, runs")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per run")
+    p.add_argument("--device", default="cuda", help="cpu: check the plumbing, --shapes tiny")
+    a = p.parse_args()
+    work = Path(a.work)
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "out"
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = write_dataset(work / "data" / f"long-{a.seq}.jsonl", a.seq)
+    results = []
+    t_all = time.perf_counter()
+    for shape in a.shapes:
+        model_dir = work / f"qwen2.5-{shape}-random"
+        if not (model_dir / ".complete").is_file():
+            cmd = ["make", shape, str(model_dir), a.tokenizer, a.device]
+            r = child(cmd, logs / f"make-{shape}.log", a.timeout)
+            if "error" in r:
+                print(json.dumps({"shape": shape, **r}), flush=True)
+                continue
+        for run in a.runs:
+            cmd = ["one", run, str(model_dir), str(data), str(a.seq), str(a.steps), str(work)]
+            cmd.append(a.device)
+            r = {"run": run, "shape": shape, "seq": a.seq}
+            r |= child(cmd, logs / f"{run}-{shape}.log", a.timeout)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            with open(out_dir / "gpu_train.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(r) + "\n")
+    print(table(results))
+    # One file of log tails: the device tool brings back few files.
+    with open(out_dir / "gpu_train_logs.txt", "w", encoding="utf-8") as f:
+        for log in sorted(logs.glob("*.log")):
+            lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+            f.write(f"===== {log.name}\n" + "\n".join(x[-400:] for x in lines[-80:]) + "\n")
+    print(f"total {time.perf_counter() - t_all:.0f}s; logs in {logs}, tails in {out_dir}")
+
+
+def child(cmd: list[str], log: Path, timeout: int) -> dict:
+    """Run this script's subcommand in a fresh process; its last JSON line, or the error."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    t = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        try:
+            proc = subprocess.run(
+                [sys.executable, __file__, *cmd], stdout=subprocess.PIPE, stderr=f,
+                text=True, env=env, timeout=timeout, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout}s (log: {log})"}
+    wall = round(time.perf_counter() - t, 1)
+    stderr_tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-2:]
+    with open(log, "a", encoding="utf-8") as f:
+        f.write("\n--- stdout ---\n" + proc.stdout)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        why = " | ".join(stderr_tail)[-600:]
+        return {"error": f"exit {proc.returncode}: {why}", "wall_s": wall}
+    return json.loads(lines[-1]) | {"wall_s": wall}
+
+
+def write_dataset(path: Path, seq: int, n: int = 16) -> Path:
+    """Alpaca records whose answers are longer than ``seq`` tokens (cut to exactly ``seq``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            text = " ".join(rng.choice(WORDS) for _ in range(int(seq * 1.3)))
+            f.write(json.dumps({"instruction": f"Tell story {i}.", "output": text}) + "\n")
+    return path
+
+
+def table(results: list[dict]) -> str:
+    """A compact table; x base = tokens/s relative to the ``peft`` run of the same shape."""
+    base = {r["shape"]: r.get("tok_s") for r in results if r["run"] == "peft"}
+    rows = ["run         shape  seq   step_s   tok/s   x peft  peak GiB  loss", "-" * 66]
+    for r in results:
+        if "error" in r:
+            rows.append(f"{r['run']:<11} {r['shape']:<6} error: {r['error'][:120]}")
+            continue
+        b = base.get(r["shape"])
+        ratio = f"{r['tok_s'] / b:.2f}" if b else "-"
+        rows.append(
+            f"{r['run']:<11} {r['shape']:<6} {r['seq']:<5} {r['step_s']:<8} {r['tok_s']:<7} "
+            f"{ratio:<7} {r['peak_gib']:<9} {r['loss']}"
+        )
+    device = next((r["device"] for r in results if "device" in r), "?")
+    return "\n".join([*rows, f"device: {device}"])
+
+
+# --- subcommands, each in its own process --------------------------------------------------------
+
+
+def make_model(shape: str, out: str, tokenizer_dir: str, device: str) -> None:
+    """A random-weights Qwen2.5 directory of ``shape`` (bf16 safetensors) with the tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if not tok.chat_template:  # tunesmith trains chat models: use Qwen2.5's template
+        tok.chat_template = (ROOT / "tests" / "qwen2_chat_template.jinja").read_text("utf-8")
+    cfg = Qwen2Config(
+        **SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+    )  # fmt: skip
+    t = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    path = Path(out)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / ".complete").write_text("ok\n")
+    n = sum(p.numel() for p in model.parameters()) / 1e9
+    print(json.dumps({"made": shape, "params_b": round(n, 3), "s": time.perf_counter() - t}))
+
+
+def run_tunesmith(run: str, model_dir: str, data: str, seq: int, steps: int, work: str) -> dict:
+    """``tunesmith sft`` as a user runs it; figures from its logging.jsonl."""
+    from tunesmith.cli import parse_args
+    from tunesmith.config import SftArgs
+    from tunesmith.train.sft import sft
+    from tunesmith.utils import setup_logging
+
+    setup_logging()
+    os.environ["TUNESMITH_CACHE"] = str(Path(work) / "cache")  # tokenized data
+    out = Path(work) / "runs" / f"{run}-{Path(model_dir).name}"
+    argv = [
+        "--model", model_dir, "--dataset", data, "--train_type", "lora",
+        "--torch_dtype", "bfloat16", "--max_length", str(seq), "--truncation_strategy", "right",
+        "--max_steps", str(steps), "--logging_steps", "1", "--save_steps", "100000",
+        "--save_only_model", "true", "--report_to", "none", "--output_dir", str(out),
+        "--lora_rank", "8", "--lora_alpha", "32", "--lora_dropout", "0",
+        "--target_modules", "all-linear", "--per_device_train_batch_size", "1",
+        "--gradient_checkpointing", "true", "--learning_rate", "1e-4",
+    ]  # fmt: skip
+    if run == "qlora":
+        argv += ["--quantization_bit", "4", "--bnb_4bit_quant_type", "nf4"]
+    run_dir = sft(parse_args(SftArgs, "tunesmith sft", "bench", argv))
+    log = [json.loads(x) for x in (run_dir / "logging.jsonl").read_text().splitlines()]
+    log = [r for r in log if "loss" in r]
+    elapsed = [r["elapsed_s"] for r in log]
+    step_s = [b - a for a, b in zip([0.0, *elapsed], elapsed, strict=False)]
+    return {
+        "impl": "tunesmith",
+        "step_s": median_after_warmup(step_s),
+        "log_tok_s": round(statistics.median(r["tokens_per_s"] for r in log[2:] or log), 1),
+        "peak_gib": round(max(r["memory_gb"] for r in log), 2),
+        "loss": log[-1]["loss"],
+    }
+
+
+def run_peer(run: str, model_dir: str, seq: int, steps: int, device: str) -> dict:
+    """Plain transformers + peft: the logic of shared/peers/lora_baseline.py ``peft``."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    ckpt = {"use_reentrant": False}
+    if run == "peft":
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+        model.enable_input_require_grads()
+    else:
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16, quantization_config=bnb, device_map={"": device},
+            attn_implementation="sdpa",
+        )  # fmt: skip
+        model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs=ckpt)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(**LORA, task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        ids = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return {
+        "impl": "transformers+peft",
+        "step_s": median_after_warmup(times),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30 if cuda else -1, 2),
+        "loss": round(loss.item(), 4),
+    }
+
+
+def median_after_warmup(times: list[float]) -> float:
+    """Median step time, leaving out the first two steps (allocator and kernel warm-up)."""
+    return round(statistics.median(times[2:] if len(times) > 2 else times), 4)
+
+
+def one(run: str, model_dir: str, data: str, seq: int, steps: int, work: str, device: str) -> None:
+    """One measured run; prints its JSON line."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU (--device cpu checks the plumbing only)")
+    if run in ("lora", "qlora"):
+        r = run_tunesmith(run, model_dir, data, seq, steps, work)
+    else:
+        r = run_peer(run, model_dir, seq, steps, device)
+    r["tok_s"] = round(seq / r["step_s"], 1)
+    r["device"] = torch.cuda.get_device_name() if device == "cuda" else device
+    import peft
+    import transformers
+
+    r["versions"] = f"torch {torch.__version__}, transformers {transformers.__version__}, "
+    r["versions"] += f"peft {peft.__version__}"
+    if "qlora" in run:
+        import bitsandbytes
+
+        r["versions"] += f", bitsandbytes {bitsandbytes.__version__}"
+    print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "make":
+        make_model(*sys.argv[2:6])
+    elif len(sys.argv) > 1 and sys.argv[1] == "one":
+        run_, model_, data_, seq_, steps_, work_, device_ = sys.argv[2:9]
+        one(run_, model_, data_, int(seq_), int(steps_), work_, device_)
+    else:
+        main()
