@@ -6,8 +6,12 @@ it); everything here runs on a CPU without bitsandbytes.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,6 +34,20 @@ def sft_argv(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "--torch_dtype", "float32", "--learning_rate", "1e-2", "--report_to", "none",
         "--lora_dropout", "0", *extra,
     ]  # fmt: skip
+
+
+@contextmanager
+def log_lines() -> Iterator[io.StringIO]:
+    """What tunesmith logs inside the block (pytest's own capture handlers stay as they are)."""
+    log = logging.getLogger("tunesmith")
+    handler, level = logging.StreamHandler(io.StringIO()), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield handler.stream
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def parse(*argv: str) -> SftArgs:
@@ -81,11 +99,15 @@ def test_bad_quant_type_is_refused_by_the_parser() -> None:
         parse("--quantization_bit", "4", "--bnb_4bit_quant_type", "int4")
 
 
-def test_infer_reuses_the_recorded_quantization_only_where_it_can(caplog) -> None:
+def test_infer_reuses_the_recorded_quantization_only_where_it_can() -> None:
     recorded = to_dict(parse("--quantization_bit", "4", "--bnb_4bit_quant_type", "fp4"))
-    assert recorded_bnb_config(to_dict(parse()), torch.bfloat16, "cuda") is None
+    with log_lines() as out:
+        assert recorded_bnb_config(to_dict(parse()), torch.bfloat16, "cuda") is None
+    assert out.getvalue() == ""
     # This machine has no CUDA: the base loads unquantized, with a note that says why.
-    assert recorded_bnb_config(recorded, torch.float32, "cpu") is None
+    with log_lines() as out:
+        assert recorded_bnb_config(recorded, torch.float32, "cpu") is None
+    assert "trained on a 4-bit base" in out.getvalue() and "unquantized" in out.getvalue()
 
 
 # --- refusals: one sentence, exit 2, nothing written --------------------------------------------
@@ -182,3 +204,22 @@ def test_param_counts_of_a_plain_model(tiny_model_dir) -> None:
     trainable, total = param_counts(model)
     assert total == sum(p.numel() for p in model.parameters())
     assert trainable == total - model.lm_head.weight.numel()
+
+
+def test_a_qlora_checkpoint_still_loads_for_infer_on_a_cpu(bf16_lora_run, tmp_path) -> None:
+    """A run recorded as 4-bit (as on a GPU) loads here unquantized, with the note."""
+    import shutil
+
+    from tunesmith.config import InferCommandArgs
+    from tunesmith.infer.engine import load_engine
+
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(bf16_lora_run / "checkpoint-4", ckpt)
+    recorded = json.loads((ckpt / "args.json").read_text(encoding="utf-8"))
+    recorded["quantization_bit"] = 4
+    (ckpt / "args.json").write_text(json.dumps(recorded), encoding="utf-8")
+    args = parse_args(InferCommandArgs, "tunesmith infer", "test", ["--adapters", str(ckpt)])
+    with log_lines() as out:
+        engine = load_engine(args)
+    assert "trained on a 4-bit base" in out.getvalue()
+    assert engine.model.peft_config["default"].r == 8
