@@ -18,14 +18,13 @@ def default_target(args: ExportArgs, source: Path | None, name: str) -> Path:
     if source is not None and source.suffix.lower() == ".gguf":
         base = f"{source.stem}-{args.gguf_type}"  # re-typing a GGUF file: never overwrite it
     folder = source.parent if source is not None else Path.cwd()
+    file_name = f"{base}-merged.gguf" if args.adapters else f"{base}.gguf"
     if args.output_dir:
         out = Path(args.output_dir).expanduser()
-        if args.to == "gguf" and out.suffix.lower() == ".gguf":
-            return out
-        if args.to == "gguf":
-            return out / f"{base}.gguf"
+        if args.to == "gguf" and out.suffix.lower() != ".gguf":
+            return out / file_name
         return out
-    return folder / (f"{base}.gguf" if args.to == "gguf" else f"{base}-ollama")
+    return folder / (file_name if args.to == "gguf" else f"{base}-ollama")
 
 
 def _safe_name(name: str) -> str:
@@ -51,7 +50,7 @@ def load_for_export(args: ExportArgs) -> tuple[Any, Any, str | None, Path | None
         model = engine.model
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
-        return model, engine.tokenizer, engine.system, ckpt, f"{ckpt.name}-merged"
+        return model, engine.tokenizer, engine.system, ckpt, ckpt.name
     if not args.model:
         raise UserError("tunesmith export --to: pass --model MODEL or --adapters CHECKPOINT")
     model_dir = resolve_model(args.model, args.use_hf)
