@@ -183,7 +183,9 @@ def vocab_tokens(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]
     tokens, types = [], []
     for i in range(vocab_size):
         token = reverse.get(i)
-        if token is None:
+        # A tokenizer rebuilt from a GGUF file (--model x.gguf, the demo models) has llama.cpp's
+        # padding placeholders as ordinary tokens; they are still unused ids.
+        if token is None or token == f"[PAD{i}]":
             tokens.append(f"[PAD{i}]")
             types.append(TokenType.UNUSED)
             continue
