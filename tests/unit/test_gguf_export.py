@@ -313,3 +313,25 @@ def test_push_offline_is_one_sentence_and_keeps_the_export(
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "could not upload" in err[0] and "me/tiny" in err[0], proc.stderr
     assert "Traceback" not in proc.stderr and out.is_file()
+
+
+def test_a_gguf_file_can_be_retyped_beside_itself(exported: dict[str, Path]) -> None:
+    src = exported["f16"]
+    assert main(["export", "--model", str(src), "--to", "gguf", "--gguf_type", "q8_0"]) == 0
+    out = src.with_name("tiny-f16-q8_0.gguf")  # never the input's own name
+    fields, _ = _fields(out)
+    assert fields["general.file_type"] == 7 and src.is_file()
+
+
+def test_merge_lora_push_offline_is_one_sentence(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """HF_HUB_OFFLINE=1 (set for every test): the merged folder is written, the upload refused."""
+    out = tmp_path / "merged"
+    argv = ["export", "--adapters", str(checkpoint), "--merge_lora", "true",
+            "--output_dir", str(out), "--push_to_hub", "true", "--hub_model_id", "me/tiny",
+            "--hub_token", "x"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: could not upload" in err and "Traceback" not in err
+    assert (out / "config.json").is_file()
