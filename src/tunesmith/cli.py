@@ -242,18 +242,32 @@ def cmd_data(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    """``tunesmith export``: merge LoRA adapters into a plain Hugging Face model directory."""
+    """``tunesmith export``: merge LoRA adapters, or convert to GGUF / Ollama; upload."""
     args = parse_args(
-        ExportArgs, "tunesmith export", "Merge adapters into a standalone model.", argv
+        ExportArgs,
+        "tunesmith export",
+        "Merge adapters into a standalone model, or convert a model to GGUF / Ollama.",
+        argv,
     )
+    if args.to:
+        from tunesmith.export.convert import export_to
+
+        export_to(args)
+        return 0
+    from tunesmith.export.hub import check_push_args, push_to_hub
     from tunesmith.export.merge import merge_and_save, merged_dir
     from tunesmith.infer.engine import check_adapter, load_engine
 
     if not args.adapters or not args.merge_lora:
-        raise UserError("tunesmith export: pass --adapters CHECKPOINT --merge_lora true")
+        raise UserError(
+            "tunesmith export: pass --adapters CHECKPOINT --merge_lora true, or --to gguf|ollama"
+        )
+    token = check_push_args(args.hub_model_id, args.hub_token) if args.push_to_hub else None
     out = merged_dir(check_adapter(args.adapters[-1]), args.output_dir)
     engine = load_engine(from_dict(InferCommandArgs, to_dict(args)))
     merge_and_save(engine, out)
+    if token is not None:
+        push_to_hub(out, args.hub_model_id, token, args.hub_private_repo)
     return 0
 
 
@@ -271,8 +285,9 @@ commands:
            tunesmith infer --adapters output/v0-.../checkpoint-30
   data     check a dataset: statistics and a preview of what is trained
            tunesmith data --dataset my.jsonl --model demo
-  export   merge LoRA adapters into a standalone Hugging Face model directory
+  export   merge LoRA adapters into a standalone model, or write GGUF / Ollama
            tunesmith export --adapters output/v0-.../checkpoint-30 --merge_lora true
+           tunesmith export --adapters output/v0-.../checkpoint-30 --to gguf --gguf_type q8_0
 
 `tunesmith COMMAND --help` lists every flag of a command with its default.
 """

@@ -275,11 +275,31 @@ class ExportArgs(TemplateArgs, ModelArgs):
 
     adapters: list[str] = arg([], "LoRA checkpoints to export (base model from args.json)")
     merge_lora: bool = arg(False, "merge the adapters into the base model")
-    output_dir: str | None = arg(None, "where to write (default: CHECKPOINT-merged)")
-    to: str | None = arg(
-        None, "another format", choices=("gguf", "ollama"), todo="GGUF/Ollama export (issue 6)"
+    output_dir: str | None = arg(
+        None,
+        "where to write: a folder (merged model, Ollama folder, or the folder of the .gguf "
+        "file) or a path ending in .gguf (default: beside the checkpoint or model, e.g. "
+        "CHECKPOINT-merged/, CHECKPOINT-merged.gguf, CHECKPOINT-ollama/)",
     )
-    push_to_hub: bool = arg(False, "upload the result", todo="hub upload (issue 6)")
+    to: str | None = arg(
+        None,
+        "export to llama.cpp's GGUF format (one file) or an Ollama folder (GGUF + Modelfile); "
+        "with --adapters, the adapters are merged first (in memory)",
+        choices=("gguf", "ollama"),
+    )
+    gguf_type: str = arg(
+        "f16",
+        "type of the GGUF weight matrices (norms and biases stay f32): f16 (llama.cpp's "
+        "converter default, what llama-quantize takes), bf16 (exact for bf16 weights), q8_0 "
+        "(8-bit, about half the size, near-lossless)",
+        choices=("f16", "bf16", "q8_0"),
+    )
+    push_to_hub: bool = arg(False, "upload the result to the Hugging Face hub (--hub_model_id)")
+    hub_model_id: str | None = arg(None, "hub repo to upload to, e.g. your-name/my-model")
+    hub_private_repo: bool = arg(False, "create the hub repo as private")
+    hub_token: str | None = arg(
+        None, "Hugging Face token (default: HF_TOKEN or the `hf auth login` token)"
+    )
 
 
 @dataclass
