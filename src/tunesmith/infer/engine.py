@@ -185,9 +185,9 @@ def generate(
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = tok(text, return_tensors="pt", add_special_tokens=False).to(engine.device)
     streamer = text_streamer(tok, stream_to) if stream_to is not None else None
-    fast = decode_kwargs(engine, inputs["input_ids"].shape[1], gen_kwargs["max_new_tokens"])
-    out = engine.model.generate(**inputs, **gen_kwargs, **fast, streamer=streamer)
-    answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    new = generate_tokens(engine, ids, mask, gen_kwargs, streamer)
+    answer = tok.decode(new[0], skip_special_tokens=True)
     if stream_to is not None and not answer.endswith("\n"):
         stream_to.write("\n")
     return answer
@@ -213,6 +213,26 @@ def generate_batch(
     pad = tok.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in ids], device=engine.device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=engine.device)
-    fast = decode_kwargs(engine, width, gen_kwargs["max_new_tokens"])
-    out = engine.model.generate(input_ids=input_ids, attention_mask=mask, **gen_kwargs, **fast)
-    return tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    new = generate_tokens(engine, input_ids, mask, gen_kwargs)
+    return tok.batch_decode(new, skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def generate_tokens(
+    engine: Engine,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    gen_kwargs: dict[str, Any],
+    streamer: Any = None,
+) -> torch.Tensor:
+    """The new token ids for a (left-padded) batch of prompts, on the engine's decode path.
+
+    ``gen_kwargs`` win over the fast path's own arguments (the decode benchmark uses this to
+    try a compiled decode step on CPU).
+    """
+    width = input_ids.shape[1]
+    kw = decode_kwargs(engine, width, gen_kwargs["max_new_tokens"]) | gen_kwargs
+    out = engine.model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, **kw, streamer=streamer
+    )
+    return out[:, width:]
