@@ -173,7 +173,11 @@ def main() -> None:
     ap.add_argument("--model", help="model directory, or 'demo'")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else ids)")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    ap.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    ap.add_argument(
+        "--dtype", default="auto", choices=("auto", *DTYPES),
+        help="auto: tunesmith's choice (bf16 on GPU and on CPUs with native bf16, else fp32)",
+    )  # fmt: skip
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 256 GPU, 64 CPU")
     ap.add_argument("--warmup", type=int, default=1)
@@ -197,10 +201,12 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from tunesmith.infer.engine import Engine, generate_tokens
-    from tunesmith.model.load import resolve_model
+    from tunesmith.model.load import resolve_dtype, resolve_model
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     model_dir = resolve_model(a.model) if a.model.startswith("demo") else Path(a.model)
-    dtype = DTYPES[a.dtype]
+    dtype = resolve_dtype("auto", device.type) if a.dtype == "auto" else DTYPES[a.dtype]
     new = a.new_tokens or (256 if cuda else 64)
     repeat = a.repeat or (5 if cuda else 2)
     model = AutoModelForCausalLM.from_pretrained(
@@ -215,8 +221,8 @@ def main() -> None:
     }  # fmt: skip
     info = {
         "device": torch.cuda.get_device_name() if cuda else cpu_name(),
-        "threads": torch.get_num_threads(), "dtype": a.dtype, "prompt_len": ids.shape[1],
-        "new_tokens": new, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
+        "prompt_len": ids.shape[1], "new_tokens": new, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "bandwidth_tbs": round(bw, 3),
     }  # fmt: skip
     baseline: dict[str, Any] = {}
