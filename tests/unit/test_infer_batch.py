@@ -183,3 +183,10 @@ def test_load_prompts_split_the_reference(tmp_path) -> None:
     (p,) = load_prompts([str(data)])
     assert [m["content"] for m in p.messages] == ["S", "q1", "a1", "q2"]
     assert p.reference == "a2" and p.origin == f"{data}:1"
+
+
+def test_cli_max_batch_size_zero_is_a_flag_error(tiny_model_dir, tmp_path, capsys) -> None:
+    data = write(tmp_path / "d.jsonl", [{"query": "Hi"}])
+    argv = ["infer", "--model", str(tiny_model_dir), "--val_dataset", str(data)]
+    assert main([*argv, "--max_batch_size", "0"]) == 2
+    assert "--max_batch_size must be at least 1" in capsys.readouterr().err

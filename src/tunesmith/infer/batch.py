@@ -126,7 +126,7 @@ def infer_dataset(
     progress: bool = True,
 ) -> Path:
     """Answer ``prompts`` (``load_prompts(--val_dataset)``) and write ``--result_path``."""
-    batch = args.max_batch_size or default_batch_size(engine)
+    batch = args.max_batch_size if args.max_batch_size is not None else default_batch_size(engine)
     if batch < 1:
         raise UserError(f"--max_batch_size must be at least 1, got {batch}")
     path = Path(args.result_path).expanduser() if args.result_path else default_result_path(args)
