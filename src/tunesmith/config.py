@@ -246,6 +246,25 @@ class InferArgs:
     top_k: int | None = arg(None, "sample from the k most likely tokens")
     repetition_penalty: float | None = arg(None, "penalty for repeated tokens (1.0 = none)")
     seed: int = arg(42, "random seed for sampling")
+    val_dataset: list[str] = arg(
+        [],
+        "batch inference: answer every record of these datasets (files in any training "
+        "format; a final assistant reply is kept as the reference) and write --result_path",
+    )
+    result_path: str | None = arg(
+        None,
+        "batch inference: the JSON Lines file written (default: CHECKPOINT/infer_result/"
+        "TIMESTAMP.jsonl, or infer_result/TIMESTAMP.jsonl with --model)",
+    )
+    max_batch_size: int | None = arg(
+        None,
+        "batch inference: records generated together, left-padded (default: 16 on GPU, 8 on CPU)",
+    )
+    fast_decode: bool | None = arg(
+        None,
+        "static KV cache, and on CUDA torch.compile of the decode step (the first answer "
+        "compiles for a while); default: on for GPU, off on CPU where it is not faster",
+    )
     infer_backend: str = arg(
         "pt",
         "inference engine",

@@ -3,6 +3,9 @@
 Supported, detected per record: alpaca (``instruction``/``input``/``output``, optional
 ``system`` and ``history``), ``query``/``response``/``history``, OpenAI ``messages``
 (``role``/``content``) and ShareGPT ``conversations`` (``from``/``value``).
+
+For inference (``prompt_only``) the final reply is optional: a record may end with the user's
+turn, or leave ``output``/``response`` out; when present, the reply is the reference answer.
 """
 
 from __future__ import annotations
@@ -97,29 +100,35 @@ def _system(record: dict[str, Any]) -> list[Message]:
     return [Message("system", system)] if system.strip() else []
 
 
-def from_alpaca(record: dict[str, Any]) -> list[Message]:
+def _reply(record: dict[str, Any], key: str, prompt_only: bool) -> list[Message]:
+    """The final assistant turn; for inference it may be missing (no reference answer)."""
+    value = record.get(key)
+    if prompt_only and (value is None or (isinstance(value, str) and not value.strip())):
+        return []
+    return [Message("assistant", _text(record, key, required=True))]
+
+
+def from_alpaca(record: dict[str, Any], prompt_only: bool = False) -> list[Message]:
     """alpaca: ``instruction`` (+ ``input``) is the user turn, ``output`` the reply."""
     instruction = _text(record, "instruction", required=True)
     extra = _text(record, "input", required=False)
-    output = _text(record, "output", required=True)
     query = f"{instruction}\n{extra}" if extra.strip() else instruction
     return [
         *_system(record),
         *_history(record),
         Message("user", query),
-        Message("assistant", output),
+        *_reply(record, "output", prompt_only),
     ]
 
 
-def from_query_response(record: dict[str, Any]) -> list[Message]:
+def from_query_response(record: dict[str, Any], prompt_only: bool = False) -> list[Message]:
     """``query``/``response`` (+ ``history``, ``system``), ms-swift's own format."""
     query = _text(record, "query", required=True)
-    response = _text(record, "response", required=True)
     return [
         *_system(record),
         *_history(record),
         Message("user", query),
-        Message("assistant", response),
+        *_reply(record, "response", prompt_only),
     ]
 
 
@@ -146,12 +155,12 @@ def _turns(
     return out
 
 
-def from_messages(record: dict[str, Any]) -> list[Message]:
+def from_messages(record: dict[str, Any], prompt_only: bool = False) -> list[Message]:
     """OpenAI chat format: ``messages`` = [{"role", "content"}, …]."""
     return _turns(record, "messages", "role", "content", {r: r for r in ROLES})
 
 
-def from_sharegpt(record: dict[str, Any]) -> list[Message]:
+def from_sharegpt(record: dict[str, Any], prompt_only: bool = False) -> list[Message]:
     """ShareGPT: ``conversations`` = [{"from": human|gpt|system, "value"}, …]."""
     return [*_system(record), *_turns(record, "conversations", "from", "value", SHAREGPT_ROLES)]
 
@@ -181,8 +190,9 @@ def detect_format(record: dict[str, Any]) -> str:
     )
 
 
-def check_order(messages: list[Message]) -> None:
-    """Roles must alternate user/assistant after an optional system turn; the last is assistant."""
+def check_order(messages: list[Message], prompt_only: bool = False) -> None:
+    """Roles must alternate user/assistant after an optional system turn; the last is assistant
+    (or, with ``prompt_only``, the user's question still to be answered)."""
     body = messages[1:] if messages and messages[0].role == "system" else messages
     for i, m in enumerate(body):
         if m.role == "system":
@@ -190,7 +200,7 @@ def check_order(messages: list[Message]) -> None:
     roles = [m.role for m in body if m.role != "tool"]
     if not roles or roles[0] != "user":
         raise RecordError("turn 1", "the first turn after the system prompt must be the user's")
-    if roles[-1] != "assistant":
+    if roles[-1] != "assistant" and not (prompt_only and roles[-1] == "user"):
         raise RecordError(f"turn {len(body)}", "the last turn must be the assistant's reply")
     for a, b in itertools.pairwise(roles):
         if a == b:
@@ -202,10 +212,15 @@ def check_order(messages: list[Message]) -> None:
             raise RecordError(f"turn {i + 1}", "empty assistant reply")
 
 
-def to_conversation(record: Any, where: str, fmt: str | None = None) -> Conversation:
-    """Convert one raw record; raises ``RecordError`` naming the field at fault."""
+def to_conversation(
+    record: Any, where: str, fmt: str | None = None, prompt_only: bool = False
+) -> Conversation:
+    """Convert one raw record; raises ``RecordError`` naming the field at fault.
+
+    ``prompt_only`` (inference): the final assistant reply may be missing.
+    """
     if not isinstance(record, dict):
         raise RecordError("record", f"expected a JSON object, got {_kind(record)}")
-    messages = FORMATS[fmt or detect_format(record)](record)
-    check_order(messages)
+    messages = FORMATS[fmt or detect_format(record)](record, prompt_only)
+    check_order(messages, prompt_only)
     return Conversation(messages, origin=where)

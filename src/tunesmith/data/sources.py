@@ -43,6 +43,8 @@ class DataOptions:
     """Load hub datasets from Hugging Face (False: ModelScope)."""
     seed: int = 42
     """Seed for ``#N`` samples, mixing and splitting."""
+    prompt_only: bool = False
+    """Inference data: a record's final assistant reply is optional (it is the reference)."""
 
 
 @dataclass
@@ -89,7 +91,7 @@ def _convert(
         if opts.columns and isinstance(record, dict):
             record = {opts.columns.get(k, k): v for k, v in record.items()}
         try:
-            conv = to_conversation(record, where, opts.fmt)
+            conv = to_conversation(record, where, opts.fmt, opts.prompt_only)
         except RecordError as e:
             loaded.problems.append(RecordProblem(where, e.field, e.message))
             continue

@@ -1,4 +1,5 @@
-"""``tunesmith infer``: an interactive multi-turn chat, or one answer per piped line."""
+"""``tunesmith infer``: an interactive multi-turn chat, one answer per piped line, or (with
+``--val_dataset``) batch inference over data files."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ HELP = "commands: /clear (forget the conversation), /system TEXT (new system pro
 
 
 def infer(args: InferCommandArgs) -> None:
-    """Chat in the terminal, or answer each line of piped stdin as its own query."""
+    """Chat in the terminal, answer each line of piped stdin, or answer ``--val_dataset``."""
+    prompts = None
+    if args.val_dataset:  # bad data is reported before the slow model load
+        from tunesmith.infer.batch import infer_dataset, load_prompts
+
+        prompts = load_prompts(args.val_dataset, args.use_hf, args.seed)
     engine = load_engine(args)
     if args.merge_lora and args.adapters:
         from tunesmith.export.merge import merge_and_save, merged_dir
@@ -22,6 +28,9 @@ def infer(args: InferCommandArgs) -> None:
         merge_and_save(engine, merged_dir(check_adapter(args.adapters[-1]), None))
     gen = generation_kwargs(args, engine.tokenizer)
     torch.manual_seed(args.seed)
+    if prompts is not None:
+        infer_dataset(engine, args, gen, prompts)
+        return
     out = sys.stdout
     if not sys.stdin.isatty():
         # Scripts: every line is an independent query; the answer follows it.
