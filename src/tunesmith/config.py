@@ -253,17 +253,17 @@ class InferArgs:
     )
     result_path: str | None = arg(
         None,
-        "batch inference: the JSON Lines file written (default: CHECKPOINT/infer_result/"
-        "TIMESTAMP.jsonl, or infer_result/TIMESTAMP.jsonl with --model)",
+        "batch inference: the JSON Lines file to write; none: CHECKPOINT/infer_result/"
+        "TIMESTAMP.jsonl (./infer_result/ with --model)",
     )
     max_batch_size: int | None = arg(
         None,
-        "batch inference: records generated together, left-padded (default: 16 on GPU, 8 on CPU)",
+        "batch inference: records generated together, left-padded; none: 16 on GPU, 8 on CPU",
     )
     fast_decode: bool | None = arg(
         None,
         "static KV cache, and on CUDA torch.compile of the decode step (the first answer "
-        "compiles for a while); default: on for GPU, off on CPU where it is not faster",
+        "compiles for a while); none: on for GPU, off on CPU, where it is not faster",
     )
     infer_backend: str = arg(
         "pt",

@@ -111,3 +111,21 @@ def test_infer_cli_answers_piped_questions(checkpoint: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("<<< ") == 2
     assert NAME in proc.stdout and EN_NAME in proc.stdout, proc.stdout
+
+
+def test_batch_inference_answers_equal_one_by_one(demo_dir: Path, tmp_path: Path) -> None:
+    """``infer --val_dataset``: left-padded batches give the one-by-one greedy answers (fp32)."""
+    queries = ["你是谁?", "Who are you?", "用一句话解释什么是机器学习。", "What is 2+2?"]
+    data = tmp_path / "q.jsonl"
+    data.write_text("\n".join(json.dumps({"query": q}) for q in queries), encoding="utf-8")
+    answers = {}
+    for batch in ("4", "1"):
+        out = tmp_path / f"b{batch}.jsonl"
+        argv = ["infer", "--model", "demo", "--torch_dtype", "float32", "--temperature", "0"]
+        argv += ["--max_new_tokens", "16", "--val_dataset", str(data), "--result_path", str(out)]
+        assert main([*argv, "--max_batch_size", batch]) == 0
+        rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        assert [r["messages"][-1]["content"] for r in rows] == queries
+        answers[batch] = [r["response"] for r in rows]
+    assert all(a.strip() for a in answers["1"])
+    assert answers["4"] == answers["1"]

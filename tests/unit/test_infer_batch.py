@@ -190,3 +190,15 @@ def test_cli_max_batch_size_zero_is_a_flag_error(tiny_model_dir, tmp_path, capsy
     argv = ["infer", "--model", str(tiny_model_dir), "--val_dataset", str(data)]
     assert main([*argv, "--max_batch_size", "0"]) == 2
     assert "--max_batch_size must be at least 1" in capsys.readouterr().err
+
+
+def test_cli_unwritable_result_path_fails_before_generating(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+) -> None:
+    data = write(tmp_path / "d.jsonl", [{"query": "Hi"}])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x", "utf-8")
+    monkeypatch.setattr("tunesmith.infer.batch.generate_batch", pytest.fail)
+    argv = ["infer", "--model", str(tiny_model_dir), "--val_dataset", str(data)]
+    assert main([*argv, "--result_path", str(blocker / "out.jsonl")]) == 2
+    assert "cannot write there" in capsys.readouterr().err

@@ -130,6 +130,12 @@ def infer_dataset(
     if batch < 1:
         raise UserError(f"--max_batch_size must be at least 1, got {batch}")
     path = Path(args.result_path).expanduser() if args.result_path else default_result_path(args)
+    try:  # find out now, not after hours of generation, that the file cannot be written
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as e:
+        raise UserError(f"--result_path {path}: cannot write there ({e.strerror or e})") from None
     logger.info(f"answering {len(prompts)} records, {batch} at a time; results go to {path}")
     start = time.perf_counter()
     convs = [with_system(p.messages, engine.system) for p in prompts]

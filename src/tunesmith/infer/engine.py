@@ -146,8 +146,8 @@ def decode_kwargs(engine: Engine, prompt_len: int, max_new_tokens: int) -> dict[
     (transformers reuses it while it fits), so the compiled decode step (CUDA graphs on a fixed
     cache shape) is recompiled a handful of times, not on every new prompt length.
     On CUDA, transformers compiles the decode step itself when the cache is static; on CPU the
-    compile is switched off: inductor's CPU kernels take minutes to build for a 0.5B model and
-    bf16 matmuls already run in oneDNN.
+    compile is switched off: batch-1 decoding there is already near the memory-bandwidth
+    bound, and a compiled step measured 0.96x the uncompiled one (bench/RESULTS.md).
     """
     if not engine.fast:
         return {}
