@@ -267,15 +267,18 @@ class InferArgs:
     )
     infer_backend: str = arg(
         "pt",
-        "inference engine",
+        "inference engine: pt (PyTorch/transformers, any device) or vllm (CUDA GPUs, "
+        "pip install 'tunesmith[vllm]'; the adapter is applied natively, batches continuously)",
         choices=("pt", "vllm"),
-        todo="the vLLM backend (issue: inference and export)",
     )
     merge_lora: bool = arg(
         False, "merge the adapters into the base, save CHECKPOINT-merged/ and chat with it"
     )
     max_model_len: int | None = arg(
-        None, "vLLM context length", todo="the vLLM backend (issue: inference and export)"
+        None, "vLLM: longest prompt + answer in tokens (none: the model's context length)"
+    )
+    gpu_memory_utilization: float = arg(
+        0.9, "vLLM: share of the GPU memory it may take for weights and KV cache"
     )
 
 

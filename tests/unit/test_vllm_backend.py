@@ -75,3 +75,14 @@ def test_flags_override_defaults_and_temperature_zero_is_greedy() -> None:
         "max_tokens": 64,
         "seed": 7,
     }
+
+
+def test_cli_without_vllm_exits_2_before_loading_anything(
+    tiny_model_dir: Path, monkeypatch, capsys
+) -> None:
+    from tunesmith.cli import main
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    assert main(["infer", "--model", str(tiny_model_dir), "--infer_backend", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "--infer_backend vllm needs vLLM" in err and "Traceback" not in err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,11 +125,16 @@ def infer_dataset(
     gen_kwargs: dict[str, Any],
     prompts: list[Prompt],
     progress: bool = True,
+    answer_many: Callable[[list[list[dict[str, str]]]], list[str]] | None = None,
 ) -> Path:
-    """Answer ``prompts`` (``load_prompts(--val_dataset)``) and write ``--result_path``."""
-    batch = args.max_batch_size if args.max_batch_size is not None else default_batch_size(engine)
-    if batch < 1:
-        raise UserError(f"--max_batch_size must be at least 1, got {batch}")
+    """Answer ``prompts`` (``load_prompts(--val_dataset)``) and write ``--result_path``.
+
+    ``answer_many`` replaces the ``pt`` engine's batching (the vLLM backend batches itself).
+    """
+    if answer_many is None:
+        if args.max_batch_size is not None and args.max_batch_size < 1:
+            raise UserError(f"--max_batch_size must be at least 1, got {args.max_batch_size}")
+        batch = args.max_batch_size or default_batch_size(engine)
     path = Path(args.result_path).expanduser() if args.result_path else default_result_path(args)
     try:  # find out now, not after hours of generation, that the file cannot be written
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,10 +142,14 @@ def infer_dataset(
             raise PermissionError(13, "permission denied")
     except OSError as e:
         raise UserError(f"--result_path {path}: cannot write there ({e.strerror or e})") from None
-    logger.info(f"answering {len(prompts)} records, {batch} at a time; results go to {path}")
+    how = "continuously batched by vLLM" if answer_many else f"{batch} at a time"
+    logger.info(f"answering {len(prompts)} records, {how}; results go to {path}")
     start = time.perf_counter()
     convs = [with_system(p.messages, engine.system) for p in prompts]
-    answers = answer_all(engine, convs, gen_kwargs, batch, progress)
+    if answer_many is None:
+        answers = answer_all(engine, convs, gen_kwargs, batch, progress)
+    else:
+        answers = answer_many(convs)
     rows = []
     for p, answer in zip(prompts, answers, strict=True):
         row: dict[str, Any] = {"messages": p.messages, "response": answer}

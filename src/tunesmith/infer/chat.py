@@ -1,25 +1,46 @@
 """``tunesmith infer``: an interactive multi-turn chat, one answer per piped line, or (with
-``--val_dataset``) batch inference over data files."""
+``--val_dataset``) batch inference over data files, on the ``pt`` or the ``vllm`` backend."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any, TextIO
 
 import torch
 
 from tunesmith.config import InferCommandArgs
 from tunesmith.infer.engine import chat_messages, generate, generation_kwargs, load_engine
+from tunesmith.utils import logger
 
 HELP = "commands: /clear (forget the conversation), /system TEXT (new system prompt), /exit"
+
+# One answer: (messages, where to stream the text or None) -> the answer.
+Reply = Callable[[list[dict[str, str]], TextIO | None], str]
+# Many answers at once, in order (batch inference).
+ReplyMany = Callable[[list[list[dict[str, str]]]], list[str]] | None
 
 
 def infer(args: InferCommandArgs) -> None:
     """Chat in the terminal, answer each line of piped stdin, or answer ``--val_dataset``."""
     prompts = None
     if args.val_dataset:  # bad data is reported before the slow model load
-        from tunesmith.infer.batch import infer_dataset, load_prompts
+        from tunesmith.infer.batch import load_prompts
 
         prompts = load_prompts(args.val_dataset, args.use_hf, args.seed)
+    engine, reply, reply_many = (
+        _vllm_backend(args) if args.infer_backend == "vllm" else _pt_backend(args)
+    )
+    if prompts is not None:
+        from tunesmith.infer.batch import infer_dataset
+
+        infer_dataset(engine, args, generation_kwargs(args, engine.tokenizer), prompts,
+                      answer_many=reply_many)  # fmt: skip
+        return
+    chat(reply, engine.system, args.stream)
+
+
+def _pt_backend(args: InferCommandArgs) -> tuple[Any, Reply, ReplyMany]:
     engine = load_engine(args)
     if args.merge_lora and args.adapters:
         from tunesmith.export.merge import merge_and_save, merged_dir
@@ -28,9 +49,45 @@ def infer(args: InferCommandArgs) -> None:
         merge_and_save(engine, merged_dir(check_adapter(args.adapters[-1]), None))
     gen = generation_kwargs(args, engine.tokenizer)
     torch.manual_seed(args.seed)
-    if prompts is not None:
-        infer_dataset(engine, args, gen, prompts)
-        return
+    return engine, lambda messages, out: generate(engine, messages, gen, out), None
+
+
+def _vllm_backend(args: InferCommandArgs) -> tuple[Any, Reply, ReplyMany]:
+    """vLLM with the adapter applied natively, or on the merged model with --merge_lora."""
+    from tunesmith.infer.engine import resolve_base
+    from tunesmith.infer.vllm_backend import import_vllm, load_vllm_engine, vllm_generate
+    from tunesmith.model.load import load_tokenizer
+
+    import_vllm()  # say it is missing before minutes of merging
+    base = resolve_base(args)
+    model_dir, adapter = base.model_dir, (base.adapters[-1] if base.adapters else None)
+    if len(base.adapters) > 1 or (adapter is not None and args.merge_lora):
+        # vLLM applies one adapter per request: fold them into the base first (the seeds'
+        # `--merge_lora true --infer_backend vllm`), then free the GPU for vLLM.
+        from tunesmith.export.merge import merge_and_save, merged_dir
+
+        pt = load_engine(args)
+        model_dir = merge_and_save(pt, merged_dir(base.adapters[-1], None))
+        del pt
+        torch.cuda.empty_cache()
+        adapter = None
+    engine = load_vllm_engine(args, model_dir, load_tokenizer(base.tokenizer_dir), adapter,
+                              base.system)  # fmt: skip
+    if args.stream:
+        logger.info("note: the vLLM backend prints each answer when it is complete")
+
+    def reply(messages: list[dict[str, str]], out: TextIO | None) -> str:
+        answer = vllm_generate(engine, [messages], args)[0]
+        if out is not None:
+            out.write(answer + ("" if answer.endswith("\n") else "\n"))
+            out.flush()
+        return answer
+
+    return engine, reply, lambda convs: vllm_generate(engine, convs, args)
+
+
+def chat(reply: Reply, system: str | None, stream: bool) -> None:
+    """The terminal chat (multi-turn, /clear, /system, /exit), or one answer per piped line."""
     out = sys.stdout
     if not sys.stdin.isatty():
         # Scripts: every line is an independent query; the answer follows it.
@@ -39,15 +96,12 @@ def infer(args: InferCommandArgs) -> None:
             if not query:
                 continue
             out.write(f"<<< {query}\n")
-            answer = generate(
-                engine, chat_messages(engine.system, [], query), gen, out if args.stream else None
-            )
-            if not args.stream:
+            answer = reply(chat_messages(system, [], query), out if stream else None)
+            if not stream:
                 out.write(answer + "\n")
             out.write("\n")
             out.flush()
         return
-    system = engine.system
     history: list[dict[str, str]] = []
     print(HELP)
     while True:
@@ -70,12 +124,10 @@ def infer(args: InferCommandArgs) -> None:
             print(f"(system prompt: {system or 'the template default'}; conversation cleared)")
             continue
         try:
-            answer = generate(
-                engine, chat_messages(system, history, query), gen, out if args.stream else None
-            )
+            answer = reply(chat_messages(system, history, query), out if stream else None)
         except KeyboardInterrupt:
             print("\n(interrupted)")
             continue
-        if not args.stream:
+        if not stream:
             print(answer)
         history += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]

@@ -69,10 +69,26 @@ def check_adapter(path: str) -> Path:
     return p
 
 
-def load_engine(args: InferCommandArgs) -> Engine:
-    """Load the model for ``infer``: ``--model``, or the base recorded with ``--adapters``."""
-    from peft import PeftModel
+@dataclass
+class Base:
+    """What ``infer`` runs: the base model, the adapters on it, and the run they came from."""
 
+    name: str
+    """The model as the user knows it (``--model``, or the run's)."""
+    model_dir: Path
+    """The local Hugging Face directory it resolved to."""
+    adapters: list[Path]
+    """Checked adapter checkpoints, applied in order."""
+    recorded: dict[str, Any]
+    """The ``args.json`` of the first adapter's run ({} without adapters)."""
+    system: str | None
+    """``--system``, else the run's system prompt."""
+    tokenizer_dir: Path
+    """Where the tokenizer comes from: the last checkpoint when it carries one."""
+
+
+def resolve_base(args: InferCommandArgs) -> Base:
+    """Find the base model of ``--model`` / ``--adapters`` (no weights are loaded)."""
     adapters = [check_adapter(a) for a in args.adapters]
     recorded = run_args(adapters[0]) if adapters else {}
     name = args.model or recorded.get("model")
@@ -86,13 +102,23 @@ def load_engine(args: InferCommandArgs) -> Engine:
         name = cfg.get("base_model_name_or_path")
     name = name or "demo"
     system = args.system if args.system is not None else recorded.get("system")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = resolve_model(name, args.use_hf)
     check_model_type(model_dir, args.model_type, args.template)
-    dtype = resolve_dtype(args.torch_dtype, device.type)
     # sft checkpoints carry the tokenizer they were trained with; a bare peft adapter does not.
     tok_dir = adapters[-1] if adapters and has_tokenizer(adapters[-1]) else model_dir
-    tokenizer = load_tokenizer(tok_dir)
+    shown = args.model or recorded.get("model") or name
+    return Base(shown, model_dir, adapters, recorded, system, tok_dir)
+
+
+def load_engine(args: InferCommandArgs) -> Engine:
+    """Load the model for ``infer``: ``--model``, or the base recorded with ``--adapters``."""
+    from peft import PeftModel
+
+    base = resolve_base(args)
+    adapters, recorded, name, model_dir = base.adapters, base.recorded, base.name, base.model_dir
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(args.torch_dtype, device.type)
+    tokenizer = load_tokenizer(base.tokenizer_dir)
     # A QLoRA adapter meets its base quantized as in training; a merge needs full precision.
     bnb = None if args.merge_lora else recorded_bnb_config(recorded, dtype, device.type)
     model = load_model(model_dir, dtype, args.attn_impl, device=device, quantization_config=bnb)
@@ -107,13 +133,12 @@ def load_engine(args: InferCommandArgs) -> Engine:
         if i < len(adapters) - 1:
             model = model.merge_and_unload()  # apply adapters in order
     model.eval()
-    shown = args.model or recorded.get("model") or name
-    logger.info(f"loaded {shown}" + (f" + {', '.join(map(str, adapters))}" if adapters else ""))
+    logger.info(f"loaded {name}" + (f" + {', '.join(map(str, adapters))}" if adapters else ""))
     fast = args.fast_decode if args.fast_decode is not None else device.type == "cuda"
     if fast:
         how = "torch.compile'd decode step" if device.type == "cuda" else "no compile on CPU"
         logger.info(f"fast decoding: static KV cache, {how}")
-    return Engine(model, tokenizer, system, device, fast)
+    return Engine(model, tokenizer, base.system, device, fast)
 
 
 def generation_kwargs(args: InferCommandArgs, tokenizer: Any) -> dict[str, Any]:
