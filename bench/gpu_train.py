@@ -27,9 +27,8 @@ Usage (needs a CUDA GPU; bitsandbytes importable for the 4-bit runs; no network)
 e.g. with bitsandbytes and the tokenizer carried as tarballs, on the device machine:
     tar xzf .carry/bnb.tgz -C /tmp && tar xzf .carry/tok.tgz -C /tmp
     PYTHONPATH=/tmp/site python3 bench/gpu_train.py --tokenizer /tmp/tok
-Not yet run on a GPU (checked on a CPU with --device cpu --shapes tiny). Expected on an H100:
-a few minutes, most of it writing and loading the 15 GB 7B directory; where a call is limited
-to 10 minutes, run --shapes 0.5b and --shapes 7b as two calls.
+On an H100 all eight runs took 272 s (bench/RESULTS.md, "GPU training memory and speed");
+the plumbing is also checked on a CPU with --device cpu --shapes tiny.
 Results: printed, and appended to $OUT/gpu_train.jsonl (else bench/out/gpu_train.jsonl), with
 the tails of every run's log in gpu_train_logs.txt beside it (full logs in WORK/logs). Model
 directories in --work are reused by later calls.
