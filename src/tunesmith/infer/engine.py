@@ -262,6 +262,13 @@ def generate_tokens(
     try a compiled decode step on CPU).
     """
     width = input_ids.shape[1]
+    if engine.fast and "disable_compile" not in gen_kwargs:
+        from tunesmith.infer.decode import decode_plan, fast_generate
+
+        plan = decode_plan(engine.model, gen_kwargs)
+        # The hand-written loop does batch 1 without padding; the rest goes to generate.
+        if plan is not None and input_ids.shape[0] == 1 and bool(attention_mask.all()):
+            return fast_generate(engine.model, input_ids, plan, streamer)
     kw = decode_kwargs(engine, width, gen_kwargs["max_new_tokens"]) | gen_kwargs
     out = engine.model.generate(
         input_ids=input_ids, attention_mask=attention_mask, **kw, streamer=streamer
