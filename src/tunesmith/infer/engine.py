@@ -167,6 +167,8 @@ CACHE_BUCKET = 256
 def decode_kwargs(engine: Engine, prompt_len: int, max_new_tokens: int) -> dict[str, Any]:
     """Extra ``generate`` arguments of the fast path (none on the default path).
 
+    Only for what the fast path leaves to ``generate``: batches and options the hand-written
+    loop of :mod:`tunesmith.infer.decode` does not do (see ``generate_tokens``).
     The static cache is sized up to a multiple of ``CACHE_BUCKET`` tokens and only ever grows
     (transformers reuses it while it fits), so the compiled decode step (CUDA graphs on a fixed
     cache shape) is recompiled a handful of times, not on every new prompt length.
@@ -258,8 +260,11 @@ def generate_tokens(
 ) -> torch.Tensor:
     """The new token ids for a (left-padded) batch of prompts, on the engine's decode path.
 
-    ``gen_kwargs`` win over the fast path's own arguments (the decode benchmark uses this to
-    try a compiled decode step on CPU).
+    On the fast path, one unpadded prompt with options :func:`decode.decode_plan` accepts
+    (greedy, or temperature/top-k/top-p sampling) goes through the hand-written decode loop;
+    anything else through ``generate`` with a static cache. ``gen_kwargs`` win over the fast
+    path's own arguments (the decode benchmark passes ``disable_compile`` to try
+    ``generate``'s compiled decode step on CPU, which keeps that request on ``generate``).
     """
     width = input_ids.shape[1]
     if engine.fast and "disable_compile" not in gen_kwargs:
