@@ -151,10 +151,23 @@ def test_sampling_runs_and_top_k_1_is_greedy(model, tok):
     assert int(a.max()) < model.config.vocab_size
 
 
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_repetition_penalty_equals_generate(model, tok, penalty):
+    ids = prompt(tok, TEXTS[1])
+    kw = {"max_new_tokens": 40, "repetition_penalty": penalty}
+    ref = reference(model, ids, **kw)
+    assert ref != reference(model, ids, max_new_tokens=40)  # the penalty matters
+    assert fast(model, ids, **kw) == ref
+    torch._dynamo.reset()
+    plan = decode.decode_plan(model, GREEDY | kw)
+    got = decode.fast_generate(model, ids, plan, compile_step=True, backend="eager")
+    assert got[0].tolist() == ref
+
+
 def test_unsupported_requests_fall_back(model):
-    assert decode.decode_plan(model, {"max_new_tokens": 5, "repetition_penalty": 1.1}) is None
     assert decode.decode_plan(model, {"max_new_tokens": 5, "num_beams": 2}) is None
-    assert decode.decode_plan(model, {"max_new_tokens": 5, "repetition_penalty": 1.0})
+    assert decode.decode_plan(model, {"max_new_tokens": 5, "no_repeat_ngram_size": 3}) is None
+    assert decode.decode_plan(model, {"max_new_tokens": 5, "repetition_penalty": 1.1})
 
 
 def test_cache_reused_across_prompt_lengths(model, tok):

@@ -8,9 +8,9 @@ token stays on the device, and the host only looks at it every ``EOS_CHECK_EVERY
 (or every step when streaming, since the streamer needs the token anyway).
 
 Only what can be done exactly is handled: batch 1 without padding, greedy or plain
-temperature / top-k / top-p sampling, ``min_new_tokens``. Anything else (repetition
-penalty, beams, stop strings, ...) makes :func:`decode_plan` return None and the caller
-falls back to ``model.generate``.
+temperature / top-k / top-p sampling, ``repetition_penalty``, ``min_new_tokens``. Anything
+else (beams, stop strings, no-repeat n-grams, ...) makes :func:`decode_plan` return None,
+and the caller falls back to ``model.generate``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ _KNOWN = {
 
 # Generation-config fields that change the output unless at these (neutral) values.
 _NEUTRAL: dict[str, Any] = {
-    "num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
+    "num_beams": 1, "num_return_sequences": 1,
     "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0,
     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None,
     "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None,
@@ -57,6 +57,8 @@ class Sampling:
     """0: no top-k filter."""
     top_p: float = 1.0
     """1.0: no nucleus filter."""
+    repetition_penalty: float = 1.0
+    """1.0: none; else transformers' (prompt and answer tokens, greedy decoding too)."""
 
 
 @dataclass
@@ -86,12 +88,13 @@ def decode_plan(model: Any, gen_kwargs: dict[str, Any]) -> Plan | None:
         if value is not None and value != neutral:
             return None
     rp = get("repetition_penalty")
-    if rp is not None and rp != 1.0:
-        return None
+    rp = 1.0 if rp is None else float(rp)
+    if rp <= 0:
+        return None  # generate refuses it; let it say so
     eos = get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     do_sample = bool(get("do_sample", False))
-    sampling = Sampling()
+    sampling = Sampling(repetition_penalty=rp)
     if do_sample:
         # The same "unset means off" rules as transformers' logits warpers.
         t, k, p = get("temperature"), get("top_k"), get("top_p")
@@ -100,6 +103,7 @@ def decode_plan(model: Any, gen_kwargs: dict[str, Any]) -> Plan | None:
             temperature=1.0 if t is None else float(t),
             top_k=0 if k is None else int(k),
             top_p=1.0 if p is None else float(p),
+            repetition_penalty=rp,
         )
         if sampling.temperature <= 0:
             return None  # generate refuses it; let it say so
@@ -108,16 +112,22 @@ def decode_plan(model: Any, gen_kwargs: dict[str, Any]) -> Plan | None:
     )
 
 
-def choose(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+def choose(logits: torch.Tensor, s: Sampling, seen: torch.Tensor) -> torch.Tensor:
     """Next token ids [B, 1] from last-position logits [B, V], on the device.
 
-    Sampling follows transformers' warpers in their order (temperature, top-k, top-p), then
-    draws with the exponential trick (argmax of p / Exp(1)), which is a categorical draw
-    without ``multinomial``'s host-side checks and compiles into CUDA graphs.
+    ``seen`` [B, V] marks the tokens so far (prompt and answer), for the repetition
+    penalty, applied as transformers does (negative logits times it, others divided by it)
+    in float32. Sampling follows transformers' warpers in their order (temperature, top-k,
+    top-p), then draws with the exponential trick (argmax of p / Exp(1)), which is a
+    categorical draw without ``multinomial``'s host-side checks and compiles into CUDA graphs.
     """
+    logits = logits.float()  # generate processes float32 logits too
+    if s.repetition_penalty != 1.0:
+        p = s.repetition_penalty
+        penalized = torch.where(logits < 0, logits * p, logits / p)
+        logits = torch.where(seen, penalized, logits)
     if not s.do_sample:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float()
     if s.temperature != 1.0:
         logits = logits / s.temperature
     if s.top_k > 0:
@@ -155,18 +165,22 @@ def core_model(model: Any) -> Any:
 
 def decode_step(
     model: Any, token: torch.Tensor, position: torch.Tensor, cache: Any, bias: torch.Tensor,
-    sampling: Sampling, cache_arg: str = "past_key_values",
+    seen: torch.Tensor, sampling: Sampling, cache_arg: str = "past_key_values",
 ) -> torch.Tensor:  # fmt: skip
     """One decode step: feed ``token`` [B, 1] at ``position`` [B, 1], return the next token.
 
     The cache writes at its own (device-side) length; ``position`` only drives the rotary
     embedding and the causal mask, and is a tensor so the compiled step does not
     specialise on it. ``bias`` [1, V] is added to the logits (-inf on EOS ids while
-    ``min_new_tokens`` is not reached, else zeros).
+    ``min_new_tokens`` is not reached, else zeros). ``seen`` [B, V] (a static address, as
+    the cache's tensors: the step updates it in place) gets ``token`` marked, when there
+    is a repetition penalty.
     """
+    if sampling.repetition_penalty != 1.0:
+        seen.scatter_(1, token, True)
     kw = {cache_arg: cache}
     out = model(input_ids=token, position_ids=position, use_cache=True, **kw)
-    return choose(out.logits[:, -1, :] + bias, sampling)
+    return choose(out.logits[:, -1, :] + bias, sampling, seen)
 
 
 @dataclass
@@ -180,6 +194,8 @@ class _State:
     cache: Any = None
     cache_len: int = 0
     steps: dict | None = None
+    seen: torch.Tensor | None = None
+    """[1, V] bool: the tokens so far, for the repetition penalty."""
 
 
 _STATE_ATTR = "_tunesmith_decode_state"
@@ -225,8 +241,8 @@ def _step_fn(st: _State, sampling: Sampling, compile_step: bool, backend: str) -
     if key not in st.steps:
         name = st.cache_arg
 
-        def step(m, token, position, cache, bias):
-            return decode_step(m, token, position, cache, bias, sampling, name)
+        def step(m, token, position, cache, bias, seen):
+            return decode_step(m, token, position, cache, bias, seen, sampling, name)
 
         if compile_step:
             # fullgraph: a graph break would silently cost the speed this exists for;
@@ -281,6 +297,15 @@ def fast_generate(
     ban = _eos_bias(vocab, plan.eos_ids, device) if plan.min_new_tokens > 0 else zero
     positions = torch.arange(width, width + max_new, device=device).unsqueeze(0)
     out = torch.empty(1, max_new, dtype=torch.long, device=device)
+    if st.seen is None or st.seen.shape[1] != vocab or st.seen.device != device:
+        st.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+        # One address for good: the compiled step writes to it, which CUDA graphs allow
+        # only for static inputs.
+        torch._dynamo.mark_static_address(st.seen)
+    seen = st.seen
+    seen.zero_()
+    if plan.sampling.repetition_penalty != 1.0:
+        seen.scatter_(1, input_ids, True)
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
@@ -294,7 +319,7 @@ def fast_generate(
         **{st.cache_arg: cache},
     )
     bias = ban if plan.min_new_tokens > 0 else zero
-    out[:, :1].copy_(choose(pre.logits[:, -1, :] + bias, plan.sampling))
+    out[:, :1].copy_(choose(pre.logits[:, -1, :] + bias, plan.sampling, seen))
     n, checked = 1, 0
     while True:
         if streamer is not None:
@@ -312,7 +337,7 @@ def fast_generate(
         bias = ban if n < plan.min_new_tokens else zero
         # Slices of preallocated tensors: no per-step allocation; copying the step's output
         # out at once also frees the CUDA graph's output buffer for the next replay.
-        nxt = step(core, out[:, n - 1 : n], positions[:, n - 1 : n], cache, bias)
+        nxt = step(core, out[:, n - 1 : n], positions[:, n - 1 : n], cache, bias, seen)
         out[:, n : n + 1].copy_(nxt)
         n += 1
     if streamer is not None:

@@ -261,10 +261,11 @@ def generate_tokens(
     """The new token ids for a (left-padded) batch of prompts, on the engine's decode path.
 
     On the fast path, one unpadded prompt with options :func:`decode.decode_plan` accepts
-    (greedy, or temperature/top-k/top-p sampling) goes through the hand-written decode loop;
-    anything else through ``generate`` with a static cache. ``gen_kwargs`` win over the fast
-    path's own arguments (the decode benchmark passes ``disable_compile`` to try
-    ``generate``'s compiled decode step on CPU, which keeps that request on ``generate``).
+    (greedy or temperature/top-k/top-p sampling, repetition penalty) goes through the
+    hand-written decode loop; anything else through ``generate`` with a static cache.
+    ``gen_kwargs`` win over the fast path's own arguments (the decode benchmark passes
+    ``disable_compile`` to try ``generate``'s compiled decode step on CPU, which keeps that
+    request on ``generate``).
     """
     width = input_ids.shape[1]
     if engine.fast and "disable_compile" not in gen_kwargs:
