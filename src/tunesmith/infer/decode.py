@@ -262,6 +262,23 @@ def _eos_bias(vocab: int, eos_ids: tuple[int, ...], device: torch.device) -> tor
     return bias
 
 
+def _to_host(x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start copying ``x`` to the host; :func:`_wait` gives the copy once it has landed."""
+    if x.device.type != "cuda":
+        return x.clone(), None  # already there; cloned so later writes cannot change it
+    host = x.to("cpu", non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _wait(pending: tuple[torch.Tensor, Any]) -> torch.Tensor:
+    host, done = pending
+    if done is not None:
+        done.synchronize()  # waits for the copy only, not for the step queued after it
+    return host
+
+
 def _first_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> int | None:
     for i, t in enumerate(tokens):
         if t in eos_ids:
@@ -320,28 +337,33 @@ def fast_generate(
     )
     bias = ban if plan.min_new_tokens > 0 else zero
     out[:, :1].copy_(choose(pre.logits[:, -1, :] + bias, plan.sampling, seen))
-    n, checked = 1, 0
+    n, checked = 1, 0  # tokens in ``out`` (some maybe still being made); EOS-free prefix
     while True:
-        if streamer is not None:
-            tok = out[:, n - 1].cpu()  # the streamer needs it now: one sync per step
-            streamer.put(tok)
-            if tok.item() in plan.eos_ids:
+        # Tokens the host must see now: the newest one for the streamer, or a batch of them
+        # for the EOS check. Their copy is queued *before* the next step, so that step runs
+        # on the device while the host waits for the copy: the device never idles for it.
+        lo = n - 1 if streamer is not None else checked
+        read = streamer is not None or n - lo >= EOS_CHECK_EVERY or n == max_new
+        pending = _to_host(out[0, lo:n]) if read else None
+        more = n < max_new
+        if more:
+            bias = ban if n < plan.min_new_tokens else zero
+            # Slices of preallocated tensors: no per-step allocation; copying the step's
+            # output out at once frees the CUDA graph's output buffer for the next replay.
+            nxt = step(core, out[:, n - 1 : n], positions[:, n - 1 : n], cache, bias, seen)
+            out[:, n : n + 1].copy_(nxt)
+        if pending is not None:
+            seen_now = _wait(pending)
+            if streamer is not None:
+                streamer.put(seen_now)
+            stop = _first_eos(seen_now.tolist(), plan.eos_ids)
+            if stop is not None:
+                n = lo + stop + 1  # what was made after the EOS is dropped
                 break
             checked = n
-        elif n - checked >= EOS_CHECK_EVERY or n == max_new:
-            if _first_eos(out[0, checked:n].tolist(), plan.eos_ids) is not None:
-                break
-            checked = n
-        if n == max_new:
+        if not more:
             break
-        bias = ban if n < plan.min_new_tokens else zero
-        # Slices of preallocated tensors: no per-step allocation; copying the step's output
-        # out at once also frees the CUDA graph's output buffer for the next replay.
-        nxt = step(core, out[:, n - 1 : n], positions[:, n - 1 : n], cache, bias, seen)
-        out[:, n : n + 1].copy_(nxt)
         n += 1
     if streamer is not None:
         streamer.end()
-    tokens = out[0, :n].tolist()
-    stop = _first_eos(tokens, plan.eos_ids)
-    return out[:, : n if stop is None else stop + 1]
+    return out[:, :n]
