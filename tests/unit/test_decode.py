@@ -184,12 +184,29 @@ def test_compiled_step_is_one_graph(model, tok):
     torch._dynamo.reset()
     ids = prompt(tok, TEXTS[0])
     plan = decode.decode_plan(model, GREEDY | {"max_new_tokens": 12})
-    got = decode.fast_generate(model, ids, plan, compile_step=True, backend="eager")
-    assert got[0].tolist() == reference(model, ids, max_new_tokens=12)
-    other = prompt(tok, TEXTS[1])  # another prompt length: no recompile expected
     from torch._dynamo.utils import counters
 
+    got = decode.fast_generate(model, ids, plan, compile_step=True, backend="eager")
+    assert got[0].tolist() == reference(model, ids, max_new_tokens=12)
+    # A graph break raises under fullgraph, and the loop would then fall back to the
+    # uncompiled step with a warning: a graph was really made, and nothing fell back.
+    assert counters["stats"]["unique_graphs"] >= 1
+    compiled = decode._state(model).steps[(plan.sampling, True, "eager")]
+    assert "_or_uncompiled" in compiled.__qualname__  # not replaced by the eager step
+    other = prompt(tok, TEXTS[1])  # another prompt length: no recompile expected
     before = dict(counters["stats"])
     got = decode.fast_generate(model, other, plan, compile_step=True, backend="eager")
     assert got[0].tolist() == reference(model, other, max_new_tokens=12)
     assert counters["stats"]["unique_graphs"] == before.get("unique_graphs", 0)
+
+
+def test_compile_failure_falls_back_to_uncompiled(model, tok, caplog):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    ids = prompt(tok, TEXTS[0])
+    plan = decode.decode_plan(model, GREEDY | {"max_new_tokens": 10})
+    got = decode.fast_generate(model, ids, plan, compile_step=True, backend=broken)
+    assert got[0].tolist() == reference(model, ids, max_new_tokens=10)
+    assert "decoding uncompiled" in caplog.text

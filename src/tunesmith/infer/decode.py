@@ -249,9 +249,33 @@ def _step_fn(st: _State, sampling: Sampling, compile_step: bool, backend: str) -
             # dynamic=False: a bigger cache bucket gets its own static graph rather than
             # a dynamic-shape one.
             opts = {"mode": "reduce-overhead"} if backend == "inductor" else {}
-            step = torch.compile(step, fullgraph=True, dynamic=False, backend=backend, **opts)
+            compiled = torch.compile(step, fullgraph=True, dynamic=False, backend=backend, **opts)
+            step = _or_uncompiled(compiled, step, st, key)
         st.steps[key] = step
     return st.steps[key]
+
+
+def _or_uncompiled(compiled: Any, eager: Any, st: _State, key: tuple) -> Any:
+    """``compiled``, which on a tracing or compiler failure warns and is replaced by
+    ``eager`` for good: a slower answer beats no answer. Such failures happen before the
+    step runs (dynamo traces on fake tensors), so the cache is untouched and the eager
+    retry is exact."""
+
+    def step(*args: Any) -> torch.Tensor:
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            from tunesmith.utils import logger
+
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            logger.warning(
+                f"fast decoding: compiling the decode step failed ({type(e).__name__}: {msg}); "
+                "decoding uncompiled"
+            )
+            st.steps[key] = eager
+            return eager(*args)
+
+    return step
 
 
 def _eos_bias(vocab: int, eos_ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
