@@ -5,7 +5,7 @@ Variants, all in one process on the same weights and the same prompt ids:
   hf_generate           plain ``model.generate`` (dynamic cache): the baseline
   tunesmith_default     tunesmith's engine, default path
   tunesmith_fast        tunesmith's engine, ``--fast_decode true`` (static cache; compiled
-                        decode step on CUDA)
+                        decode step on CUDA): its own decode loop, infer/decode.py
   lora_unmerged_*       the same two, with a random LoRA adapter (r16, all-linear) as a peft
                         wrapper on top, as ``infer --adapters CKPT`` runs it
   lora_merged_*         the same two after ``merge_and_unload`` (``infer --merge_lora true``)
