@@ -101,6 +101,13 @@ def test_peft_unmerged_lora(model, tok):
     ref = reference(pm, ids, max_new_tokens=25)
     assert ref != reference(model, ids, max_new_tokens=25)  # the adapter matters
     assert fast(pm, ids, max_new_tokens=25) == ref
+    # The LoRA layers trace into one graph too (the CUDA path's compile, eager backend).
+    torch._dynamo.reset()
+    plan = decode.decode_plan(pm, GREEDY | {"max_new_tokens": 25})
+    got = decode.fast_generate(pm, ids, plan, compile_step=True, backend="eager")
+    assert got[0].tolist() == ref
+    step = decode._state(pm.get_base_model()).steps[(plan.sampling, True, "eager")]
+    assert "_or_uncompiled" in step.__qualname__  # it compiled: not replaced by eager
     merged = pm.merge_and_unload()
     assert fast(merged, ids, max_new_tokens=25) == ref
 
