@@ -155,3 +155,26 @@ def test_a_nan_loss_stops_with_a_clear_message(
             )
         )
     ).all()
+
+
+def test_a_kill_while_rotation_deletes_never_lists_a_half_deleted_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    run = tmp_path / "v0-run"
+    for step in (1, 2, 3):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / "adapter_config.json").write_text("{}")
+
+    def killed_midway(path, ignore_errors=False):  # removes one file, then the process dies
+        next(Path(path).iterdir()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.rotate(run, limit=2)
+    monkeypatch.undo()
+    # checkpoint-1 vanished from the listing at once; the others are whole.
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["checkpoint-2", "checkpoint-3"]
+    assert [p.name.split("-")[:3] for p in run.glob(".del-*")] == [[".del", "checkpoint", "1"]]
+    checkpoint.rotate(run, limit=2)  # the next rotation clears what the kill left
+    assert not list(run.glob(".del-*"))

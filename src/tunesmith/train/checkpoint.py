@@ -8,6 +8,7 @@ loadable.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunesmith.utils import UserError, atomic_dir, logger, write_json
+from tunesmith.utils import UserError, atomic_dir, fsync_dir, logger, write_json
 
 CKPT = re.compile(r"^checkpoint-(\d+)$")
 RUN = re.compile(r"^v(\d+)-\d{8}-\d{6}$")
@@ -74,6 +75,8 @@ def rotate(run_dir: Path, limit: int | None, keep: set[Path] = frozenset()) -> N
     """Delete the oldest checkpoints beyond ``limit``; never the newest or those in ``keep``."""
     if not limit or limit <= 0:
         return
+    for stale in Path(run_dir).glob(".del-checkpoint-*"):  # left by a kill mid-delete
+        shutil.rmtree(stale, ignore_errors=True)
     ckpts = list_checkpoints(run_dir)
     excess = len(ckpts) - limit
     for p in ckpts[:-1]:
@@ -81,8 +84,21 @@ def rotate(run_dir: Path, limit: int | None, keep: set[Path] = frozenset()) -> N
             break
         if p in keep:
             continue
-        shutil.rmtree(p)
+        remove_checkpoint(p)
         excess -= 1
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so that it is never listed half-deleted.
+
+    ``rmtree`` removes file after file: a kill in between would leave ``checkpoint-N``
+    without its adapter config. Renaming it out of the listing first is atomic; what is
+    left after a kill is a ``.del-`` folder that the next rotation clears.
+    """
+    trash = path.parent / f".del-{path.name}-{os.getpid()}"
+    os.rename(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_training_state(
