@@ -38,6 +38,13 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger.propagate = False
 
 
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters ("" if none):
+    enough to say why in a one-sentence error, without a library's multi-line dump."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 def cache_dir() -> Path:
     """Where converted models and tokenized datasets live (``$TUNESMITH_CACHE`` overrides)."""
     root = os.environ.get("TUNESMITH_CACHE") or os.path.join(
@@ -109,16 +116,40 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path that replaces ``final`` only once fully written.
+
+    The file is fsynced, renamed over ``final`` and the folder entry flushed; on any error the
+    temporary file is removed. ``final`` is therefore absent, the previous file, or the new
+    complete one, never a truncated one.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, fsync, rename), UTF-8, human-readable."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically (``atomic_file``), UTF-8, human-readable."""
+    with atomic_file(path) as tmp:
+        text = json.dumps(obj, ensure_ascii=False, indent=2, default=str)
+        tmp.write_text(text + "\n", encoding="utf-8")
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write one JSON object per line atomically (``atomic_file``), UTF-8."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def human_bytes(n: float) -> str:

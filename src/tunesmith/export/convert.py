@@ -38,6 +38,7 @@ def load_for_export(args: ExportArgs) -> tuple[Any, Any, str | None, Path | None
     says otherwise: a LoRA delta is small beside the weights, and adding it in bf16 would round
     part of it away; the GGUF conversion then rounds once.
     """
+    from tunesmith.export.merge import merged
     from tunesmith.infer.engine import check_adapter, load_engine
     from tunesmith.model.load import load_model, load_tokenizer, resolve_model
 
@@ -47,10 +48,7 @@ def load_for_export(args: ExportArgs) -> tuple[Any, Any, str | None, Path | None
         if args.torch_dtype == "auto":
             infer_args.torch_dtype = "float32"
         engine = load_engine(infer_args)
-        model = engine.model
-        if hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
-        return model, engine.tokenizer, engine.system, ckpt, ckpt.name
+        return merged(engine.model), engine.tokenizer, engine.system, ckpt, ckpt.name
     if not args.model:
         raise UserError("tunesmith export --to: pass --model MODEL or --adapters CHECKPOINT")
     model_dir = resolve_model(args.model, args.use_hf)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tunesmith.utils import UserError, fsync_dir, human_bytes, logger
+from tunesmith.utils import UserError, atomic_file, human_bytes, logger
 
 # config.json model_type -> gguf architecture name; the tensor layouts of both are plain
 # decoder-only transformers (Qwen2 adds q/k/v biases), which is all this writer handles.
@@ -67,31 +67,22 @@ def write_gguf(
     if gguf_type not in GGUF_TYPES:
         raise UserError(f"--gguf_type {gguf_type}: expected one of {', '.join(GGUF_TYPES)}")
     out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write the GGUF file to {out} ({e.strerror or e})") from None
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     # use_temp_file: each tensor goes to a spooled temporary file as soon as it is converted,
     # so peak memory is the model plus one tensor, not the model plus the whole output.
     writer = gguf.GGUFWriter(None, arch, use_temp_file=True)
     try:
-        _add_hparams(writer, model.config, gguf_type, name or _model_name(model))
-        _add_tokenizer(writer, tokenizer, model.config)
-        _add_tensors(writer, model, gguf_type)
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        writer.close()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
+        with atomic_file(out) as tmp:
+            _add_hparams(writer, model.config, gguf_type, name or _model_name(model))
+            _add_tokenizer(writer, tokenizer, model.config)
+            _add_tensors(writer, model, gguf_type)
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
     except OSError as e:
         raise UserError(f"cannot write the GGUF file to {out} ({e.strerror or e})") from None
     finally:
         writer.close()
-        tmp.unlink(missing_ok=True)
     logger.info(f"GGUF ({gguf_type}) written: {out} ({human_bytes(out.stat().st_size)})")
     return out
 

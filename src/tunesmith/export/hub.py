@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tunesmith.utils import UserError, logger
+from tunesmith.utils import UserError, error_line, logger
 
 
 def hub_token(token: str | None) -> str:
@@ -45,7 +45,7 @@ def push_to_hub(path: Path, repo_id: str, token: str, private: bool) -> str:
                 commit_message="tunesmith export",
             )
     except Exception as e:  # offline, refused, bad token, no rights: all one sentence
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        reason = error_line(e)
         raise UserError(
             f"could not upload {path} to the Hugging Face hub repo {repo_id} "
             f"({type(e).__name__}{': ' + reason if reason else ''}); the export itself is "

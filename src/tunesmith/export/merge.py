@@ -15,6 +15,13 @@ def merged_dir(adapter: Path, output_dir: str | None) -> Path:
     )
 
 
+def merged(model: Any) -> Any:
+    """``model`` with its peft adapters folded into the weights; a plain model as it is."""
+    if hasattr(model, "merge_and_unload"):  # a PeftModel; a plain model has nothing to merge
+        return model.merge_and_unload()
+    return model
+
+
 def merge_and_save(engine: Any, out: Path) -> Path:
     """Fold the engine's adapters into its weights and save model, config and tokenizer.
 
@@ -22,10 +29,7 @@ def merge_and_save(engine: Any, out: Path) -> Path:
     needs to load it and chat (config, generation config, safetensors shards, tokenizer with
     chat template) is all inside.
     """
-    model = engine.model
-    if hasattr(model, "merge_and_unload"):  # a PeftModel; a plain model has nothing to merge
-        model = model.merge_and_unload()
-    engine.model = model
+    model = engine.model = merged(engine.model)
     try:
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size="4GB")

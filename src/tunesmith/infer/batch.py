@@ -10,7 +10,6 @@ of the input records. The shape of a line follows ms-swift's ``swift infer --val
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from tunesmith.config import InferCommandArgs
 from tunesmith.data.messages import Conversation
 from tunesmith.data.sources import DataOptions, Loaded, load_spec, report_problems
 from tunesmith.infer.engine import Engine, check_adapter, generate_batch
-from tunesmith.utils import UserError, fsync_dir, logger
+from tunesmith.utils import UserError, logger, write_jsonl
 
 
 @dataclass
@@ -68,24 +67,6 @@ def default_result_path(args: InferCommandArgs) -> Path:
 def default_batch_size(engine: Engine) -> int:
     """16 on a GPU; 8 on a CPU, where a larger batch gains little and pads more."""
     return 16 if engine.device.type == "cuda" else 8
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write all lines to a temporary sibling, fsync, then rename over ``path``: a crash leaves
-    the previous file (or none), never a truncated one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
@@ -157,7 +138,7 @@ def infer_dataset(
             row["labels"] = p.reference
         rows.append(row)
     try:
-        write_jsonl_atomic(path, rows)
+        write_jsonl(path, rows)
     except OSError as e:
         raise UserError(f"--result_path {path}: cannot write ({e.strerror or e})") from None
     took = time.perf_counter() - start

@@ -265,11 +265,11 @@ def _or_uncompiled(compiled: Any, eager: Any, st: _State, key: tuple) -> Any:
         try:
             return compiled(*args)
         except torch._dynamo.exc.TorchDynamoException as e:
-            from tunesmith.utils import logger
+            from tunesmith.utils import error_line, logger
 
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             logger.warning(
-                f"fast decoding: compiling the decode step failed ({type(e).__name__}: {msg}); "
+                f"fast decoding: compiling the decode step failed ({type(e).__name__}: "
+                f"{error_line(e)}); "
                 "decoding uncompiled"
             )
             st.steps[key] = eager

@@ -10,6 +10,7 @@ from typing import Any, TextIO
 import torch
 
 from tunesmith.config import InferCommandArgs
+from tunesmith.infer.decode import CACHE_BUCKET
 from tunesmith.model.load import (
     check_model_type,
     has_tokenizer,
@@ -20,7 +21,7 @@ from tunesmith.model.load import (
 )
 from tunesmith.model.quant import recorded_bnb_config
 from tunesmith.train.checkpoint import list_checkpoints
-from tunesmith.utils import UserError, logger
+from tunesmith.utils import UserError, error_line, logger
 
 
 @dataclass
@@ -126,9 +127,8 @@ def load_engine(args: InferCommandArgs) -> Engine:
         try:
             model = PeftModel.from_pretrained(model, adapter)
         except (RuntimeError, ValueError, KeyError) as e:
-            msg = str(e).splitlines()[0][:200]
             raise UserError(
-                f"--adapters {adapter}: does not fit the base model {name} ({msg})"
+                f"--adapters {adapter}: does not fit the base model {name} ({error_line(e)})"
             ) from None
         if i < len(adapters) - 1:
             model = model.merge_and_unload()  # apply adapters in order
@@ -159,9 +159,6 @@ def generation_kwargs(args: InferCommandArgs, tokenizer: Any) -> dict[str, Any]:
     if args.repetition_penalty is not None:
         kw["repetition_penalty"] = args.repetition_penalty
     return kw
-
-
-CACHE_BUCKET = 256
 
 
 def decode_kwargs(engine: Engine, prompt_len: int, max_new_tokens: int) -> dict[str, Any]:

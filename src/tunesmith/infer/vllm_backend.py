@@ -125,10 +125,9 @@ def load_vllm_engine(
             "max_lora_rank": lora_rank_for_vllm(adapter),
         }
         lora = LoRARequest("adapter", 1, str(adapter))
-    dtype = {"auto": "auto", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
     llm = vllm.LLM(
         model=str(model_dir),
-        dtype=dtype[args.torch_dtype],
+        dtype=args.torch_dtype,  # vLLM takes the same names
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         seed=args.seed,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunesmith.utils import UserError, atomic_dir, cache_dir, logger
+from tunesmith.utils import UserError, atomic_dir, cache_dir, error_line, logger
 
 
 @dataclass(frozen=True)
@@ -269,9 +269,9 @@ def load_tokenizer(path: Path) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"{path}: no usable tokenizer there (tokenizer.json / tokenizer_config.json): {first}"
+            f"{path}: no usable tokenizer there (tokenizer.json / tokenizer_config.json): "
+            f"{error_line(e, limit=10_000) or type(e).__name__}"
         ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

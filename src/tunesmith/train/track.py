@@ -8,20 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunesmith.utils import UserError, logger
+from tunesmith.utils import UserError, logger, write_jsonl
 
-# --report_to names Accelerate understands, with the module (and pip package) each needs.
-TRACKERS = {
-    "tensorboard": "tensorboard",
-    "wandb": "wandb",
-    "mlflow": "mlflow",
-    "swanlab": "swanlab",
-    "comet_ml": "comet_ml",
-    "aim": "aim",
-    "clearml": "clearml",
-    "dvclive": "dvclive",
-    "trackio": "trackio",
-}
+# --report_to names Accelerate understands; each is also the module (and pip package) it needs.
+TRACKERS = (
+    "tensorboard", "wandb", "mlflow", "swanlab", "comet_ml", "aim", "clearml", "dvclive", "trackio",
+)  # fmt: skip
 
 
 def check_trackers(report_to: list[str]) -> list[str]:
@@ -40,9 +32,9 @@ def check_trackers(report_to: list[str]) -> list[str]:
             raise UserError(
                 f"--report_to {name}: unknown tracker; choose from none, all, {', '.join(TRACKERS)}"
             )
-        if importlib.util.find_spec(TRACKERS[name]) is None:
+        if importlib.util.find_spec(name) is None:
             raise UserError(
-                f"--report_to {name}: {name} is not installed; pip install {TRACKERS[name]} "
+                f"--report_to {name}: {name} is not installed; pip install {name} "
                 "(or --report_to none)"
             )
     return chosen
@@ -85,10 +77,7 @@ def truncate_log(path: Path, step: int) -> None:
     """Drop records after ``step`` (a resumed run rewrites them), keeping the file's history."""
     if not path.is_file():
         return
-    kept = [r for r in read_log(path) if r.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), "utf-8")
-    os.replace(tmp, path)
+    write_jsonl(path, [r for r in read_log(path) if r.get("step", 0) <= step])
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
