@@ -71,6 +71,26 @@ def isolated_torch():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(scope="module")
+def checkpoint(isolated_torch, tiny_model_dir: Path, tmp_path_factory) -> Path:
+    """A LoRA checkpoint of the tiny model, trained by ``sft`` (4 steps, fp32, with a system
+    prompt in args.json); one per test module, which may write beside it."""
+    import json
+
+    from tunesmith.cli import parse_args
+    from tunesmith.config import SftArgs
+    from tunesmith.train.sft import sft
+
+    work = tmp_path_factory.mktemp("ckpt")
+    data = work / "d.jsonl"
+    rows = [{"instruction": f"Echo {i}.", "output": f"{i}!"} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    argv = ["--model", str(tiny_model_dir), "--dataset", str(data), "--max_steps", "4",
+            "--learning_rate", "5e-3", "--torch_dtype", "float32", "--report_to", "none",
+            "--output_dir", str(work / "out"), "--system", "Be terse."]  # fmt: skip
+    return sft(parse_args(SftArgs, "sft", "", argv)) / "checkpoint-4"
+
+
 @pytest.fixture(autouse=True)
 def _log_to_this_tests_stderr():
     """``setup_logging`` binds its handler to the ``sys.stderr`` of its first call; clear it so

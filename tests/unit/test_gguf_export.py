@@ -7,7 +7,6 @@ The tiny Qwen2 (and a tiny tied-embedding Llama) are exported through the CLI, r
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunesmith.cli import main, parse_args
-from tunesmith.config import SftArgs
+from tunesmith.cli import main
 from tunesmith.model.load import resolve_model
 
 pytestmark = pytest.mark.usefixtures("isolated_torch")
@@ -171,20 +169,6 @@ def test_llama_is_permuted_and_tied_embeddings_have_no_output(
 
 
 # ---- adapters, Ollama ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tunesmith.train.sft import sft
-
-    work = tmp_path_factory.mktemp("gguf-sft")
-    data = work / "d.jsonl"
-    rows = [{"instruction": f"Echo {i}.", "output": f"{i}!"} for i in range(8)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    argv = ["--model", str(tiny_model_dir), "--dataset", str(data), "--max_steps", "4",
-            "--learning_rate", "5e-3", "--torch_dtype", "float32", "--report_to", "none",
-            "--output_dir", str(work / "out"), "--system", "Be terse."]  # fmt: skip
-    return sft(parse_args(SftArgs, "sft", "", argv)) / "checkpoint-4"
 
 
 def test_adapters_to_ollama_merges_and_writes_a_modelfile(

@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from tunesmith.cli import main, parse_args
-from tunesmith.config import SftArgs
-from tunesmith.train.sft import sft
+from tunesmith.cli import main
 
 pytestmark = pytest.mark.usefixtures("isolated_torch")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("merge")
-    data = work / "d.jsonl"
-    rows = [{"instruction": f"Echo {i}.", "output": f"{i}!"} for i in range(8)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    argv = ["--model", str(tiny_model_dir), "--dataset", str(data), "--max_steps", "4",
-            "--learning_rate", "5e-3", "--torch_dtype", "float32", "--report_to", "none",
-            "--output_dir", str(work / "out"), "--system", "Be terse."]  # fmt: skip
-    return sft(parse_args(SftArgs, "sft", "", argv)) / "checkpoint-4"
 
 
 def test_merged_logits_equal_base_plus_adapter(
