@@ -22,8 +22,10 @@ from tunesmith.model.load import (
     resolve_dtype,
     resolve_model,
 )
-from tunesmith.model.lora import CausalLMLoss, keep_activation_dtype, lora_config
+from tunesmith.model.lora import CausalLMLoss, hf_model, keep_activation_dtype, lora_config
+from tunesmith.train import distributed
 from tunesmith.train.checkpoint import (
+    Gathered,
     find_resume_checkpoint,
     load_training_state,
     new_run_dir,
@@ -33,6 +35,7 @@ from tunesmith.train.checkpoint import (
 )
 from tunesmith.train.optim import adamw, lr_lambda
 from tunesmith.train.stop import StopRequest
+from tunesmith.train.strategy import accelerator_plugins, parse_strategy
 from tunesmith.train.track import (
     BestTracker,
     JsonlLog,
@@ -48,7 +51,7 @@ from tunesmith.utils import Interrupted, UserError, logger, seed_everything, wri
 
 def sft(args: SftArgs) -> Path:
     """Fine-tune ``args.model`` on ``args.dataset``; returns the run directory."""
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
     from peft import get_peft_model
@@ -57,39 +60,50 @@ def sft(args: SftArgs) -> Path:
     if args.model is None:
         args.model = "demo"
     _validate(args)
+    strategy = parse_strategy(args.fsdp, args.deepspeed, args.quantization_bit)
     seed_everything(args.seed)
+    # Accelerate keeps its settings process-wide; a second sft() in one process (tests, a
+    # notebook) may ask for another precision.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    state = distributed.init_state()
+    distributed.quiet_other_ranks(state.is_main_process)
     resume = None
     if args.resume_from_checkpoint:
         resume = find_resume_checkpoint(args.resume_from_checkpoint, Path(args.output_dir))
     # An exact resume continues in its own run directory: one log, one TensorBoard run.
     exact_resume = resume is not None and not args.resume_only_model
-    run_dir = (
+    run_dir = distributed.agree(
         resume.parent if exact_resume else new_run_dir(Path(args.output_dir), args.add_version)
     )
     report_to = check_trackers(args.report_to)
-    # Accelerate keeps its settings process-wide; a second sft() in one process (tests, a
-    # notebook) may ask for another precision.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    dtype = resolve_dtype(args.torch_dtype, PartialState().device.type)
+    dtype = resolve_dtype(args.torch_dtype, state.device.type)
     quant.check_lora_dtype(args.lora_dtype, dtype, args.train_type == "full")
+    precision = {"bfloat16": "bf16", "float16": "fp16"}.get(str(dtype)[6:], "no")
     accelerator = Accelerator(
         # Autocast runs the fp32 LoRA weights in the base's dtype: no fp32 copies of the
         # activations, and one mixed-precision path on CPU and GPU alike.
-        mixed_precision={"bfloat16": "bf16", "float16": "fp16"}.get(str(dtype)[6:], "no"),
+        mixed_precision=precision,
         log_with=report_to or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        cpu=state.device.type == "cpu",
+        **accelerator_plugins(
+            strategy, precision, args.gradient_accumulation_steps, args.max_grad_norm
+        ),
     )
     main = accelerator.is_main_process
 
     # 1. Data: records -> conversations -> token ids + labels; every record is checked before
     # the model is even resolved, so a bad file fails in seconds.
     conversations = load_conversations(args)
-    model_dir = resolve_model(args.model, args.use_hf)
-    check_model_type(model_dir, args.model_type, args.template)
-    tokenizer = load_tokenizer(model_dir)
-    data = prepare(args, tokenizer, progress=main, loaded=conversations)
+    # One process per machine converts the model and tokenizes (both cached on disk); the
+    # others then read the cache instead of writing it too.
+    with accelerator.local_main_process_first():
+        model_dir = resolve_model(args.model, args.use_hf)
+        check_model_type(model_dir, args.model_type, args.template)
+        tokenizer = load_tokenizer(model_dir)
+        data = prepare(args, tokenizer, progress=main, loaded=conversations)
     samples = data.train
     items: list[Any] = pack(samples, args.max_length) if args.packing else samples
     if args.packing:
@@ -170,9 +184,12 @@ def sft(args: SftArgs) -> Path:
         collate_fn=lambda b: collate(b, tokenizer.pad_token_id),
     )
     loss_module = CausalLMLoss(model)
+    distributed.set_layers_to_shard(accelerator, hf_model(model))
     loss_module, optimizer, loader, val_loader = accelerator.prepare(
         loss_module, optimizer, loader, val_loader
     )
+    # FSDP2 replaced the parameters with sharded ones: clip those.
+    params = [p for p in loss_module.parameters() if p.requires_grad]
     ga = args.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(len(loader) / ga))
     total_steps = (
@@ -185,8 +202,22 @@ def sft(args: SftArgs) -> Path:
 
     step, epoch, skip = 0, 0, 0
     if exact_resume:
-        position = load_training_state(resume, optimizer, scheduler)
-        step, epoch, skip = position["global_step"], position["epoch_index"], position["micro"]
+        load_optimizer = None
+        if strategy.sharded:
+
+            def load_optimizer(full: dict) -> None:
+                distributed.load_full_optimizer_state(loss_module, optimizer, full)
+
+        position = load_training_state(
+            resume,
+            optimizer,
+            scheduler,
+            load_optimizer,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+        step, epoch = position["global_step"], position["epoch_index"]
+        skip = distributed.micro_batches_to_skip(position, accelerator.num_processes)
         logger.info(f"resuming at step {step} (epoch {epoch}, micro-batch {skip}) from {resume}")
 
     # 4. The run directory appears only now that data and model are known to be good.
@@ -202,6 +233,7 @@ def sft(args: SftArgs) -> Path:
     logger.info(
         f"training: {total_steps} steps ({steps_per_epoch}/epoch, batch "
         f"{args.per_device_train_batch_size}x{ga}x{accelerator.num_processes}), output {run_dir}"
+        + distributed.describe(accelerator)
     )
 
     # 5. The loop. Each optimizer step takes `ga` micro-batches; the loss is normalised by the
@@ -235,7 +267,7 @@ def sft(args: SftArgs) -> Path:
                 consumed, skip = skip, 0
                 # Starting the data iterator may draw from the global RNG; restore the saved
                 # states after it so dropout masks match the uninterrupted run.
-                restore_rng(resume)
+                restore_rng(resume, accelerator.process_index, accelerator.num_processes)
             while step < total_steps:
                 micro = [b for _, b in zip(range(ga), batches, strict=False)]
                 if not micro:
@@ -276,6 +308,7 @@ def sft(args: SftArgs) -> Path:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 if step % args.logging_steps == 0 or step == total_steps:
+                    distributed.sum_counts(accelerator, window, ("tokens", "trained", "correct"))
                     record = log_record(
                         window,
                         step,
@@ -320,6 +353,16 @@ def sft(args: SftArgs) -> Path:
                 stopping = bool(accelerator.reduce(flag, reduction="sum"))
                 if step % args.save_steps == 0 or step == total_steps or stopping:
                     accelerator.wait_for_everyone()
+                    # Collectives: every process takes part, rank 0 writes.
+                    gathered = Gathered(
+                        distributed.full_model_state(accelerator, loss_module, strategy.sharded),
+                        None
+                        if args.save_only_model
+                        else distributed.full_optimizer_state(
+                            accelerator, loss_module, optimizer, strategy.sharded
+                        ),
+                        distributed.gather_rng_states(accelerator),
+                    )
                     if main:
                         state = {
                             "global_step": step,
@@ -327,6 +370,7 @@ def sft(args: SftArgs) -> Path:
                             "epoch": step / steps_per_epoch,
                             "epoch_index": epoch,
                             "micro": consumed,
+                            "world_size": accelerator.num_processes,
                         }
                         last_ckpt = save_checkpoint(
                             run_dir,
@@ -337,6 +381,7 @@ def sft(args: SftArgs) -> Path:
                             trainer_state=state,
                             optimizer=None if args.save_only_model else optimizer,
                             scheduler=scheduler,
+                            gathered=gathered,
                         )
                         if best.best_step == step:
                             best.checkpoint = last_ckpt
@@ -353,13 +398,15 @@ def sft(args: SftArgs) -> Path:
         stop.restore()
     bar.close()
     train_s = time.perf_counter() - t0
+    totals = {"tokens": seen_tokens}
+    distributed.sum_counts(accelerator, totals, ("tokens",))
     accelerator.end_training()
     if main:
         log.close()
         plot_curves(run_dir / "logging.jsonl", run_dir / "images")
         logger.info(
             f"trained {step - first_step} steps in {train_s:.1f}s "
-            f"({seen_tokens / train_s:.0f} tokens/s per process); last checkpoint: {last_ckpt}"
+            f"({totals['tokens'] / train_s:.0f} tokens/s in all); last checkpoint: {last_ckpt}"
         )
         if best.best is not None:
             logger.info(

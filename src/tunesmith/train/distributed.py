@@ -1,0 +1,210 @@
+"""What the loop does differently when several processes train one model.
+
+Everything here is a no-op, or the plain single-process operation, in a run of one process:
+one code path for a laptop and for many GPUs. Rules it implements:
+
+- every process agrees on the run directory (rank 0 names it);
+- only rank 0 writes files and log lines (the others log warnings only);
+- counts of tokens are summed over the processes before they are logged;
+- a sharded model (FSDP2, ZeRO-3) is gathered into one ordinary state dict to be saved, so
+  a checkpoint of N processes is the very format of a checkpoint of one, and the optimizer
+  state is gathered and keyed by parameter index the same way;
+- every rank's random state goes into the checkpoint, so a resume with the same number of
+  processes continues every rank's dropout exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tunesmith.utils import logger
+
+
+def init_state() -> Any:
+    """Accelerate's process state, multi-process on CPU too (gloo) when started by torchrun.
+
+    Accelerate only looks for CPU workers when asked for the CPU, so a machine without a GPU
+    asks for it; with GPUs it finds them (NCCL) itself.
+    """
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def quiet_other_ranks(is_main: bool) -> None:
+    """Keep the log to rank 0's lines; other ranks still report warnings and errors."""
+    if not is_main:
+        logger.setLevel(logging.WARNING)
+
+
+def agree(value: Any) -> Any:
+    """Rank 0's ``value`` on every process (e.g. the run directory, named from the clock)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    if PartialState().num_processes == 1:
+        return value
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def sum_counts(accelerator: Any, window: dict[str, float], keys: tuple[str, ...]) -> None:
+    """Replace ``window[k]`` (this process's count) by the sum over all processes, in place."""
+    if accelerator.num_processes == 1:
+        return
+    import torch
+
+    t = torch.tensor([float(window[k]) for k in keys], device=accelerator.device)
+    t = accelerator.reduce(t, reduction="sum")
+    for k, v in zip(keys, t.tolist(), strict=True):
+        window[k] = v
+
+
+def set_layers_to_shard(accelerator: Any, hf: Any) -> None:
+    """FSDP2: one shard unit per decoder layer (the model's ``_no_split_modules``)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and accelerator.is_fsdp2:
+        plugin.transformer_cls_names_to_wrap = list(hf._no_split_modules or [])
+
+
+def full_model_state(accelerator: Any, loss_module: Any, sharded: bool) -> dict[str, Any] | None:
+    """The whole model's state dict, gathered on every process, for ``save_pretrained``.
+
+    Only for sharded models (FSDP2, ZeRO-3), and then a collective: every rank calls it. None
+    otherwise, and ``save_pretrained`` reads the replica of rank 0 directly. Keys lose the
+    loss wrapper's ``model.`` prefix, so they are those of the (peft) model.
+    """
+    if not sharded:
+        return None
+    state = accelerator.get_state_dict(loss_module)
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def full_optimizer_state(
+    accelerator: Any, loss_module: Any, optimizer: Any, sharded: bool
+) -> dict[str, Any] | None:
+    """FSDP2: the optimizer state gathered in full, keyed by parameter index like an unsharded
+    optimizer's ``state_dict()``; a collective on every rank. None when not sharded by FSDP."""
+    if not (sharded and accelerator.is_fsdp2):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    by_name = get_optimizer_state_dict(loss_module, optimizer.optimizer, options=options)
+    index = {name: i for i, name in enumerate(trainable_names(loss_module))}
+    return {
+        "state": {index[n]: s for n, s in by_name["state"].items()},
+        "param_groups": [
+            g | {"params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]
+        ],
+    }
+
+
+def load_full_optimizer_state(loss_module: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    """FSDP2: load an index-keyed full optimizer state; each rank keeps its own shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = trainable_names(loss_module)
+    by_name = {
+        "state": {names[i]: s for i, s in state["state"].items()},
+        "param_groups": [
+            g | {"params": [names[i] for i in g["params"]]} for g in state["param_groups"]
+        ],
+    }
+    set_optimizer_state_dict(
+        loss_module,
+        optimizer.optimizer,
+        by_name,
+        options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+    )
+
+
+def trainable_names(loss_module: Any) -> list[str]:
+    """Names of the trained parameters in optimizer order (the order they were handed to it)."""
+    return [n for n, p in loss_module.named_parameters() if p.requires_grad]
+
+
+def gather_rng_states(accelerator: Any) -> list[dict[str, Any]] | None:
+    """Every rank's random state on rank 0 (a collective); None in a run of one process."""
+    if accelerator.num_processes == 1:
+        return None
+    from accelerate.utils import gather_object
+
+    return gather_object([rng_state()])
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy, torch and (its GPU's) CUDA random states, as plain data."""
+    import random
+
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    py = random.getstate()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *map(_plain, np_state[2:])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` returned."""
+    import random
+
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def _plain(x: Any) -> Any:
+    return x.item() if hasattr(x, "item") else x
+
+
+def micro_batches_to_skip(position: dict[str, Any], world_size: int) -> int:
+    """Micro-batches of the resumed epoch each process skips, for ``world_size`` processes.
+
+    Accelerate deals batch i of the epoch to process i mod N, so a checkpoint of N processes
+    that each consumed ``micro`` batches has used the epoch's first ``micro * N``: resumed with
+    M processes, each skips ``micro * N / M`` (rounded down when it does not divide).
+    """
+    saved = int(position.get("world_size", 1))
+    micro = int(position["micro"])
+    if saved == world_size:
+        return micro
+    logger.info(
+        f"resuming a checkpoint of {saved} process(es) with {world_size}: the data position "
+        "carries over, the random state of rank 0 is used (keep the global batch the same "
+        "with --gradient_accumulation_steps for the same optimisation)"
+    )
+    return micro * saved // world_size
+
+
+def describe(accelerator: Any) -> str:
+    """How the processes share the model, for the log line that starts training."""
+    n = accelerator.num_processes
+    if n == 1:
+        return ""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if accelerator.is_fsdp2:
+        how = "FSDP2, weights sharded"
+    elif kind == "DEEPSPEED":
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        how = f"DeepSpeed ZeRO-{stage}"
+    else:
+        how = "DDP, one replica each"
+    return f"; {n} processes ({how}, {accelerator.state.backend})"
