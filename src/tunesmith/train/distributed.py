@@ -63,6 +63,28 @@ def sum_counts(accelerator: Any, window: dict[str, float], keys: tuple[str, ...]
         window[k] = v
 
 
+def fsdp_on_cpu(accelerator: Any, plugins: dict[str, Any]) -> None:
+    """Turn FSDP2 on for CPU processes (gloo), which Accelerate leaves as plain DDP.
+
+    Accelerate enables FSDP on accelerators only; PyTorch's FSDP2 itself shards over gloo
+    on CPU too. Without this, ``--fsdp`` on CPU would silently train unsharded.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    plugin = plugins.get("fsdp_plugin")
+    state = accelerator.state
+    if plugin is None or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    # Accelerate copies the process state into its accelerator state whenever one is made:
+    # both must say FSDP, as they do on GPUs.
+    state.distributed_type = DistributedType.FSDP
+    PartialState().distributed_type = DistributedType.FSDP
+
+
 def set_layers_to_shard(accelerator: Any, hf: Any) -> None:
     """FSDP2: one shard unit per decoder layer (the model's ``_no_split_modules``)."""
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
@@ -71,60 +93,66 @@ def set_layers_to_shard(accelerator: Any, hf: Any) -> None:
 
 
 def full_model_state(accelerator: Any, loss_module: Any, sharded: bool) -> dict[str, Any] | None:
-    """The whole model's state dict, gathered on every process, for ``save_pretrained``.
+    """The whole model's state dict on rank 0 (empty elsewhere), for ``save_pretrained``.
 
     Only for sharded models (FSDP2, ZeRO-3), and then a collective: every rank calls it. None
-    otherwise, and ``save_pretrained`` reads the replica of rank 0 directly. Keys lose the
-    loss wrapper's ``model.`` prefix, so they are those of the (peft) model.
+    otherwise: ``save_pretrained`` then reads rank 0's replica directly. Keys lose the loss
+    wrapper's ``model.`` prefix, so they are those of the (peft) model.
     """
     if not sharded:
         return None
-    state = accelerator.get_state_dict(loss_module)
+    if accelerator.is_fsdp2:
+        state = _gather_dtensors(loss_module.state_dict(), accelerator.is_main_process)
+    else:  # DeepSpeed ZeRO-3 gathers its partitions itself
+        state = accelerator.get_state_dict(loss_module)
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
-def full_optimizer_state(
-    accelerator: Any, loss_module: Any, optimizer: Any, sharded: bool
-) -> dict[str, Any] | None:
-    """FSDP2: the optimizer state gathered in full, keyed by parameter index like an unsharded
-    optimizer's ``state_dict()``; a collective on every rank. None when not sharded by FSDP."""
+def full_optimizer_state(accelerator: Any, optimizer: Any, sharded: bool) -> dict[str, Any] | None:
+    """FSDP2: the optimizer state with every shard gathered, on rank 0 (a collective).
+
+    The optimizer holds the sharded parameters in the order they were handed to it, so its
+    ``state_dict()`` is already keyed by index like an unsharded optimizer's; only the
+    sharded tensors (the Adam moments) need gathering. None when not sharded by FSDP2.
+    """
     if not (sharded and accelerator.is_fsdp2):
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    by_name = get_optimizer_state_dict(loss_module, optimizer.optimizer, options=options)
-    index = {name: i for i, name in enumerate(trainable_names(loss_module))}
-    return {
-        "state": {index[n]: s for n, s in by_name["state"].items()},
-        "param_groups": [
-            g | {"params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]
-        ],
-    }
+    full = optimizer.state_dict()
+    main = accelerator.is_main_process
+    state = {i: _gather_dtensors(s, main) for i, s in full["state"].items()}
+    return {"state": state, "param_groups": full["param_groups"]}
 
 
-def load_full_optimizer_state(loss_module: Any, optimizer: Any, state: dict[str, Any]) -> None:
+def load_full_optimizer_state(optimizer: Any, full: dict[str, Any]) -> None:
     """FSDP2: load an index-keyed full optimizer state; each rank keeps its own shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    names = trainable_names(loss_module)
-    by_name = {
-        "state": {names[i]: s for i, s in state["state"].items()},
-        "param_groups": [
-            g | {"params": [names[i] for i in g["params"]]} for g in state["param_groups"]
-        ],
-    }
-    set_optimizer_state_dict(
-        loss_module,
-        optimizer.optimizer,
-        by_name,
-        options=StateDictOptions(full_state_dict=True, cpu_offload=True),
-    )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for i, values in full["state"].items():
+        param = params[int(i)]
+        state[i] = {
+            k: distribute_tensor(v.to(param.device), param.device_mesh, param.placements)
+            if isinstance(param, DTensor) and v.dim() > 0 and v.shape == param.shape
+            else v
+            for k, v in values.items()
+        }
+    optimizer.load_state_dict({"state": state, "param_groups": full["param_groups"]})
 
 
-def trainable_names(loss_module: Any) -> list[str]:
-    """Names of the trained parameters in optimizer order (the order they were handed to it)."""
-    return [n for n, p in loss_module.named_parameters() if p.requires_grad]
+def _gather_dtensors(state: dict[str, Any], main: bool, keep_all: bool = False) -> dict[str, Any]:
+    """Full CPU copies of the sharded tensors of ``state`` (all ranks take part in each
+    all-gather; only rank 0 keeps the result unless ``keep_all``), one tensor at a time so a
+    GPU never holds more than one gathered tensor."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, DTensor):
+            v = v.full_tensor()
+        if main:
+            out[k] = v.detach().cpu() if hasattr(v, "detach") else v
+    return out
 
 
 def gather_rng_states(accelerator: Any) -> list[dict[str, Any]] | None:
@@ -173,6 +201,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _plain(x: Any) -> Any:
     return x.item() if hasattr(x, "item") else x
+
+
+def finish(accelerator: Any) -> None:
+    """End the run together: trackers closed, then the process group, on every rank at once.
+
+    Accelerate's ``end_training`` destroys the process group; a rank that does so while
+    another still works (rank 0 writing its last files) can leave gloo's threads blocked in
+    the group's destructor, and the run never ends.
+    """
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def micro_batches_to_skip(position: dict[str, Any], world_size: int) -> int:

@@ -80,6 +80,9 @@ def sft(args: SftArgs) -> Path:
     dtype = resolve_dtype(args.torch_dtype, state.device.type)
     quant.check_lora_dtype(args.lora_dtype, dtype, args.train_type == "full")
     precision = {"bfloat16": "bf16", "float16": "fp16"}.get(str(dtype)[6:], "no")
+    plugins = accelerator_plugins(
+        strategy, precision, args.gradient_accumulation_steps, args.max_grad_norm
+    )
     accelerator = Accelerator(
         # Autocast runs the fp32 LoRA weights in the base's dtype: no fp32 copies of the
         # activations, and one mixed-precision path on CPU and GPU alike.
@@ -88,10 +91,9 @@ def sft(args: SftArgs) -> Path:
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         cpu=state.device.type == "cpu",
-        **accelerator_plugins(
-            strategy, precision, args.gradient_accumulation_steps, args.max_grad_norm
-        ),
+        **plugins,
     )
+    distributed.fsdp_on_cpu(accelerator, plugins)
     main = accelerator.is_main_process
 
     # 1. Data: records -> conversations -> token ids + labels; every record is checked before
@@ -206,7 +208,7 @@ def sft(args: SftArgs) -> Path:
         if strategy.sharded:
 
             def load_optimizer(full: dict) -> None:
-                distributed.load_full_optimizer_state(loss_module, optimizer, full)
+                distributed.load_full_optimizer_state(optimizer, full)
 
         position = load_training_state(
             resume,
@@ -359,7 +361,7 @@ def sft(args: SftArgs) -> Path:
                         None
                         if args.save_only_model
                         else distributed.full_optimizer_state(
-                            accelerator, loss_module, optimizer, strategy.sharded
+                            accelerator, optimizer, strategy.sharded
                         ),
                         distributed.gather_rng_states(accelerator),
                     )
@@ -387,7 +389,7 @@ def sft(args: SftArgs) -> Path:
                             best.checkpoint = last_ckpt
                         rotate(run_dir, args.save_total_limit, keep={last_ckpt, best.checkpoint})
                 if stopping:
-                    accelerator.end_training()
+                    distributed.finish(accelerator)
                     raise Interrupted(
                         f"{stop.requested or 'a stop signal'} received: saved {last_ckpt} after "
                         f"step {step}; continue with the same command plus "
@@ -400,7 +402,6 @@ def sft(args: SftArgs) -> Path:
     train_s = time.perf_counter() - t0
     totals = {"tokens": seen_tokens}
     distributed.sum_counts(accelerator, totals, ("tokens",))
-    accelerator.end_training()
     if main:
         log.close()
         plot_curves(run_dir / "logging.jsonl", run_dir / "images")
@@ -416,6 +417,7 @@ def sft(args: SftArgs) -> Path:
         if args.load_best_model_at_end and best.checkpoint is not None:
             # `tunesmith infer --adapters RUN_DIR` then loads the best checkpoint.
             write_json(run_dir / "best_checkpoint.json", best.state())
+    distributed.finish(accelerator)
     return run_dir
 
 
