@@ -60,7 +60,9 @@ def parse_strategy(fsdp: str | None, deepspeed: str | None, quantization_bit: in
     if fsdp:
         return _fsdp(fsdp)
     if deepspeed:
-        return Strategy(kind="deepspeed", deepspeed_config=deepspeed_config(deepspeed))
+        config = deepspeed_config(deepspeed)
+        require_deepspeed(f"--deepspeed {deepspeed}")
+        return Strategy(kind="deepspeed", deepspeed_config=config)
     return Strategy()
 
 
@@ -85,7 +87,6 @@ def _fsdp(value: str) -> Strategy:
 
 def deepspeed_config(value: str) -> dict[str, Any]:
     """A preset's DeepSpeed config (zero2, zero3, zero3_offload), or a JSON file's."""
-    require_deepspeed(f"--deepspeed {value}")
     if value in DEEPSPEED_PRESETS:
         return _preset(value)
     path = Path(value).expanduser()
