@@ -63,6 +63,16 @@ def sum_counts(accelerator: Any, window: dict[str, float], keys: tuple[str, ...]
         window[k] = v
 
 
+def max_over_processes(accelerator: Any, value: float) -> float:
+    """The largest ``value`` of all processes (e.g. peak memory), on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    import torch
+
+    t = torch.tensor([float(value)], device=accelerator.device)
+    return float(accelerator.reduce(t, reduction="max")[0])
+
+
 def fsdp_on_cpu(accelerator: Any, plugins: dict[str, Any]) -> None:
     """Turn FSDP2 on for CPU processes (gloo), which Accelerate leaves as plain DDP.
 

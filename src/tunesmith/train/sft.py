@@ -322,6 +322,10 @@ def sft(args: SftArgs) -> Path:
                         args.logging_steps,
                         first_step,
                     )
+                    # The busiest process's memory: what decides whether a run fits.
+                    record["memory_gb"] = distributed.max_over_processes(
+                        accelerator, record["memory_gb"]
+                    )
                     if main:
                         log.write(record)
                     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
