@@ -160,3 +160,14 @@ def test_data_position_carries_over_a_change_of_process_count() -> None:
     assert micro_batches_to_skip({"micro": 3, "world_size": 2}, 2) == 3
     assert micro_batches_to_skip({"micro": 3, "world_size": 2}, 1) == 6
     assert micro_batches_to_skip({"micro": 3}, 1) == 3  # a checkpoint of one process
+
+
+def test_deepspeed_runs_cannot_resume_exactly() -> None:
+    from tunesmith.train.strategy import Strategy, check_resume
+
+    ds = Strategy(kind="deepspeed", deepspeed_config={"zero_optimization": {"stage": 2}})
+    assert not ds.saves_optimizer and Strategy().saves_optimizer
+    with pytest.raises(UserError, match="--resume_only_model true"):
+        check_resume(ds, "auto", only_model=False)
+    check_resume(ds, "auto", only_model=True)
+    check_resume(Strategy(kind="fsdp"), "auto", only_model=False)

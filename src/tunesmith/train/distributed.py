@@ -63,6 +63,34 @@ def sum_counts(accelerator: Any, window: dict[str, float], keys: tuple[str, ...]
         window[k] = v
 
 
+def micro_step(accelerator: Any, module: Any, last: bool) -> Any:
+    """The context of one micro-batch's forward and backward: gradients are synchronised
+    (and, under DeepSpeed, the optimizer steps) on the step's last micro-batch only."""
+    from contextlib import nullcontext
+
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed steps inside backward when Accelerate says the gradients sync; the loop
+        # groups its own micro-batches (a short last group per epoch), so it says when.
+        accelerator.gradient_state._set_sync_gradients(last)
+        return nullcontext()
+    return nullcontext() if last else accelerator.no_sync(module)
+
+
+def loss_scale(accelerator: Any, ga: int) -> int:
+    """Factor of the summed loss before dividing by the step's global token count.
+
+    DDP, FSDP and DeepSpeed average gradients over the processes: times their number gives
+    the sum. DeepSpeed also divides each micro-batch's loss by the accumulation steps, which
+    the loop's normalisation already does: times ``ga`` undoes it.
+    """
+    from accelerate.utils import DistributedType
+
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    return accelerator.num_processes * (ga if deepspeed else 1)
+
+
 def max_over_processes(accelerator: Any, value: float) -> float:
     """The largest ``value`` of all processes (e.g. peak memory), on every process."""
     if accelerator.num_processes == 1:

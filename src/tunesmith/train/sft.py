@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from tunesmith.train.checkpoint import (
 )
 from tunesmith.train.optim import adamw, lr_lambda
 from tunesmith.train.stop import StopRequest
-from tunesmith.train.strategy import accelerator_plugins, parse_strategy
+from tunesmith.train.strategy import accelerator_plugins, check_resume, parse_strategy
 from tunesmith.train.track import (
     BestTracker,
     JsonlLog,
@@ -61,6 +60,7 @@ def sft(args: SftArgs) -> Path:
         args.model = "demo"
     _validate(args)
     strategy = parse_strategy(args.fsdp, args.deepspeed, args.quantization_bit)
+    check_resume(strategy, args.resume_from_checkpoint, args.resume_only_model)
     seed_everything(args.seed)
     # Accelerate keeps its settings process-wide; a second sft() in one process (tests, a
     # notebook) may ask for another precision.
@@ -193,6 +193,8 @@ def sft(args: SftArgs) -> Path:
     # FSDP2 replaced the parameters with sharded ones: clip those.
     params = [p for p in loss_module.parameters() if p.requires_grad]
     ga = args.gradient_accumulation_steps
+    loss_scale = distributed.loss_scale(accelerator, ga)
+    save_only_model = args.save_only_model or not strategy.saves_optimizer
     steps_per_epoch = max(1, math.ceil(len(loader) / ga))
     total_steps = (
         args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
@@ -282,12 +284,11 @@ def sft(args: SftArgs) -> Path:
                 n_step = accelerator.reduce(n_step, reduction="sum").clamp(min=1)
                 step_loss = torch.zeros((), device=accelerator.device)
                 for i, batch in enumerate(micro):
-                    ctx = accelerator.no_sync(loss_module) if i < len(micro) - 1 else nullcontext()
-                    with ctx:
+                    with distributed.micro_step(accelerator, loss_module, i == len(micro) - 1):
                         loss_sum, n, correct = loss_module(**batch)
                         # DDP averages gradients over processes: scale by their number to get a
                         # sum over all tokens, divided by the global token count.
-                        accelerator.backward(loss_sum * accelerator.num_processes / n_step)
+                        accelerator.backward(loss_sum * loss_scale / n_step)
                     step_loss += loss_sum.detach()
                     window["correct"] += float(correct)
                     window["tokens"] += batch["input_ids"].numel()
@@ -295,7 +296,8 @@ def sft(args: SftArgs) -> Path:
                     window["trained"] += int(n)
                 grad_norm = None
                 if args.max_grad_norm > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, args.max_grad_norm))
+                    norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    grad_norm = None if norm is None else float(norm)  # DeepSpeed: none yet
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -363,7 +365,7 @@ def sft(args: SftArgs) -> Path:
                     gathered = Gathered(
                         distributed.full_model_state(accelerator, loss_module, strategy.sharded),
                         None
-                        if args.save_only_model
+                        if save_only_model
                         else distributed.full_optimizer_state(
                             accelerator, optimizer, strategy.sharded
                         ),
@@ -385,7 +387,7 @@ def sft(args: SftArgs) -> Path:
                             tokenizer=tokenizer,
                             args=resolved,
                             trainer_state=state,
-                            optimizer=None if args.save_only_model else optimizer,
+                            optimizer=None if save_only_model else optimizer,
                             scheduler=scheduler,
                             gathered=gathered,
                         )

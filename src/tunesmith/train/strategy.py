@@ -37,6 +37,12 @@ class Strategy:
     """DeepSpeed: the config (a preset's or the user's JSON); batch sizes filled in later."""
 
     @property
+    def saves_optimizer(self) -> bool:
+        """False under DeepSpeed: its ZeRO optimizer state is partitioned in its own format,
+        so its checkpoints hold the weights only (resumed with --resume_only_model)."""
+        return self.kind != "deepspeed"
+
+    @property
     def sharded(self) -> bool:
         """True when no process holds the whole model (its state must be gathered to save)."""
         return self.kind == "fsdp" or (
@@ -64,6 +70,16 @@ def parse_strategy(fsdp: str | None, deepspeed: str | None, quantization_bit: in
         require_deepspeed(f"--deepspeed {deepspeed}")
         return Strategy(kind="deepspeed", deepspeed_config=config)
     return Strategy()
+
+
+def check_resume(strategy: Strategy, resume: str | None, only_model: bool) -> None:
+    """Refuse an exact resume the strategy cannot honour, before anything is loaded."""
+    if resume and not only_model and not strategy.saves_optimizer:
+        raise UserError(
+            "--deepspeed checkpoints hold the weights but not DeepSpeed's partitioned optimizer "
+            "state, so a run under --deepspeed cannot resume exactly: add --resume_only_model "
+            "true (a new run from the checkpoint's weights), or resume with DDP or --fsdp"
+        )
 
 
 def _fsdp(value: str) -> Strategy:
@@ -184,6 +200,6 @@ def accelerator_plugins(
 
         config = json.loads(json.dumps(strategy.deepspeed_config))  # a copy Accelerate may fill
         return {"deepspeed_plugin": DeepSpeedPlugin(
-            hf_ds_config=config, gradient_accumulation_steps=ga, gradient_clipping=clip or None,
+            hf_ds_config=config, gradient_accumulation_steps=ga, gradient_clipping=clip,
         )}  # fmt: skip
     return {}
