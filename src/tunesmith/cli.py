@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import sys
 import types
 import typing
@@ -327,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(argv[1:])
     except Interrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # process 0 saved: its line names the checkpoint
+            print(f"stopped: {e}", file=sys.stderr)
         return 130
     except UserError as e:
         if not _left_to_launcher(e):
