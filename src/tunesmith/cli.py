@@ -235,7 +235,7 @@ def cmd_data(argv: list[str]) -> int:
         "Check a dataset and see exactly what the model will learn from it.",
         argv,
     )
-    from tunesmith.data.report import data_command
+    from tunesmith.train.data_check import data_command
 
     print(data_command(args))
     return 0

@@ -11,6 +11,7 @@ from tunesmith.data.messages import Conversation, Message
 from tunesmith.data.template import IGNORE, Sample, encode
 from tunesmith.model import lora as lora_mod
 from tunesmith.model.lora import CausalLMLoss, lora_config
+from tunesmith.options import LoraOptions
 
 PAIRS = [
     ("Hello, world!", "I am fine, thank you."),
@@ -221,15 +222,7 @@ def test_packed_left_truncated_sample_does_not_learn_across_the_boundary(
 def lora_model(tiny_tokenizer):
     from peft import get_peft_model
 
-    cfg = lora_config(
-        rank=4,
-        alpha=8,
-        dropout=0.0,
-        target_modules=["all-linear"],
-        modules_to_save=[],
-        use_rslora=False,
-        use_dora=False,
-    )
+    cfg = lora_config(LoraOptions(rank=4, alpha=8, dropout=0.0))
     cfg.init_lora_weights = False  # random (nonzero) B, so every LoRA weight gets a gradient
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(123)

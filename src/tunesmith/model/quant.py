@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunesmith.options import QuantOptions
 from tunesmith.utils import UserError, logger
 
 BITS = (4, 8)
@@ -25,23 +26,21 @@ INSTALL = "pip install 'tunesmith[qlora]'"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def check_quantization(args: Any) -> None:
+def check_quantization(quant: QuantOptions, full: bool) -> None:
     """Refuse a ``--quantization_bit`` this run cannot honour, in one sentence.
 
-    Called before data, model or output directory are touched. ``args`` is an ``SftArgs``.
+    Called before data, model or output directory are touched; ``full``: --train_type full.
     """
     import torch
 
-    bits = args.quantization_bit
+    bits = quant.bits
     if bits == 0:
-        if (args.bnb_4bit_quant_type, args.bnb_4bit_use_double_quant) != ("nf4", True) or (
-            args.bnb_4bit_compute_dtype is not None
-        ):
+        if quant != QuantOptions():
             logger.info("note: the --bnb_4bit_* flags apply with --quantization_bit 4 only")
         return
     if bits not in BITS:
         raise UserError(f"--quantization_bit must be 4 or 8 (0: no quantization), got {bits}")
-    if args.train_type == "full":
+    if full:
         raise UserError(
             f"--quantization_bit {bits} trains a LoRA adapter on a frozen quantized base, so it "
             "cannot be combined with --train_type full: drop one of the two"
@@ -96,23 +95,26 @@ def bnb_config(bits: int, quant_type: str, double_quant: bool, compute_dtype: An
     )
 
 
-def bnb_config_from(values: dict[str, Any], dtype: Any) -> Any:
-    """``bnb_config`` from resolved sft arguments (``to_dict(args)`` or an ``args.json``).
+def bnb_config_from(quant: QuantOptions, dtype: Any) -> Any:
+    """``bnb_config`` for ``quant``; None without quantization.
 
-    None without quantization. The compute dtype defaults to the run's ``--torch_dtype``,
-    resolved: ``dtype``.
+    The compute dtype defaults to the run's ``--torch_dtype``, resolved: ``dtype``.
     """
     import torch
 
-    bits = values.get("quantization_bit") or 0
-    if not bits:
+    if not quant.bits:
         return None
-    compute = values.get("bnb_4bit_compute_dtype")
-    return bnb_config(
-        bits,
-        values.get("bnb_4bit_quant_type") or "nf4",
-        bool(values.get("bnb_4bit_use_double_quant", True)),
-        getattr(torch, compute) if compute else dtype,
+    compute = getattr(torch, quant.compute_dtype) if quant.compute_dtype else dtype
+    return bnb_config(quant.bits, quant.quant_type, quant.double_quant, compute)
+
+
+def recorded_quant(recorded: dict[str, Any]) -> QuantOptions:
+    """The quantization a run trained with, from its ``args.json`` (older runs may lack keys)."""
+    return QuantOptions(
+        bits=recorded.get("quantization_bit") or 0,
+        quant_type=recorded.get("bnb_4bit_quant_type") or "nf4",
+        double_quant=bool(recorded.get("bnb_4bit_use_double_quant", True)),
+        compute_dtype=recorded.get("bnb_4bit_compute_dtype"),
     )
 
 
@@ -135,7 +137,7 @@ def recorded_bnb_config(recorded: dict[str, Any], dtype: Any, device_type: str) 
             f"bitsandbytes ({e}); loading the base unquantized instead"
         )
         return None
-    return bnb_config_from(recorded, dtype)
+    return bnb_config_from(recorded_quant(recorded), dtype)
 
 
 def set_lora_dtype(model: Any, lora_dtype: str) -> None:
