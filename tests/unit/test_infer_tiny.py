@@ -12,13 +12,8 @@ import torch
 
 from tunesmith.cli import main, parse_args
 from tunesmith.config import InferCommandArgs, SftArgs
-from tunesmith.infer.engine import (
-    chat_messages,
-    check_adapter,
-    generate,
-    generation_kwargs,
-    load_engine,
-)
+from tunesmith.infer.engine import chat_messages, generate, generation_kwargs, load_engine
+from tunesmith.model.adapters import check_adapter
 from tunesmith.model.load import resolve_dtype
 from tunesmith.train.sft import sft
 from tunesmith.utils import UserError

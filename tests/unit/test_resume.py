@@ -112,7 +112,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_model_dir: Path, tmp_path
     assert best["best_step"] == best_step and best["best_model_checkpoint"].endswith(
         f"checkpoint-{best_step}"
     )
-    from tunesmith.infer.engine import check_adapter
+    from tunesmith.model.adapters import check_adapter
 
     assert check_adapter(str(run)).name == f"checkpoint-{best_step}"
 
