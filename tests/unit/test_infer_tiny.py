@@ -21,7 +21,8 @@ from tunesmith.utils import UserError
 SYSTEM = "You are a test bot."
 
 
-pytestmark = pytest.mark.usefixtures("isolated_torch")
+# Trains the tiny model: the slow group (make test runs it, make test-unit skips it).
+pytestmark = [pytest.mark.usefixtures("isolated_torch"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -169,6 +169,7 @@ def bf16_lora_run(tiny_model_dir, data, tmp_path_factory) -> Path:
     return sft(parse(*sft_argv(tiny_model_dir, data, out, "--lora_dtype", "bfloat16")))
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_lora_dtype_bf16_saves_bf16_weights_and_trains(bf16_lora_run) -> None:
     weights = load_file(bf16_lora_run / "checkpoint-4" / "adapter_model.safetensors")
     assert weights and {w.dtype for w in weights.values()} == {torch.bfloat16}
@@ -182,6 +183,7 @@ def test_lora_dtype_bf16_saves_bf16_weights_and_trains(bf16_lora_run) -> None:
     assert args["lora_dtype"] == "bfloat16" and args["quantization_bit"] == 0
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_lora_dtype_bf16_adapter_loads_in_plain_peft(tiny_model_dir, bf16_lora_run) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -207,6 +209,7 @@ def test_param_counts_of_a_plain_model(tiny_model_dir) -> None:
     assert trainable == total - model.lm_head.weight.numel()
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_a_qlora_checkpoint_still_loads_for_infer_on_a_cpu(bf16_lora_run, tmp_path) -> None:
     """A run recorded as 4-bit (as on a GPU) loads here unquantized, with the note."""
     import shutil

@@ -15,7 +15,8 @@ from tunesmith.config import SftArgs
 from tunesmith.train.sft import sft
 from tunesmith.utils import UserError
 
-pytestmark = pytest.mark.usefixtures("isolated_torch")
+# Trains the tiny model: the slow group (make test runs it, make test-unit skips it).
+pytestmark = [pytest.mark.usefixtures("isolated_torch"), pytest.mark.slow]
 
 
 def _data(path: Path) -> Path:

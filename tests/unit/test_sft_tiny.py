@@ -60,7 +60,8 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-pytestmark = pytest.mark.usefixtures("isolated_torch")
+# Trains the tiny model: the slow group (make test runs it, make test-unit skips it).
+pytestmark = [pytest.mark.usefixtures("isolated_torch"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -136,6 +136,7 @@ def test_csv_and_parquet_sources(tmp_path: Path) -> None:
     assert train[0].origin.endswith("d.parquet:1")
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_seed_mixed_command_trains_end_to_end(mirror: Path, tiny_model_dir: Path) -> None:
     """The seed's mixed `swift sft` command, `swift` -> `tunesmith`, on the tiny model."""
     out = mirror.parent / "output"
