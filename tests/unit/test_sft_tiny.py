@@ -240,4 +240,11 @@ def test_two_runs_with_different_precisions_in_one_process(
     sft(sft_args(tiny_model_dir, data_file, tmp_path / "a", *extra))
     args = sft_args(tiny_model_dir, data_file, tmp_path / "b", *extra)
     args.torch_dtype = "bfloat16"
-    assert (sft(args) / "checkpoint-1").is_dir()
+    run = sft(args)
+    from accelerate.state import AcceleratorState
+
+    # The second run computed under bf16 autocast, not the first run's fp32.
+    assert AcceleratorState().mixed_precision == "bf16"
+    state = json.loads((run / "checkpoint-1" / "trainer_state.json").read_text(encoding="utf-8"))
+    assert state["global_step"] == 1
+    assert math.isfinite(read_log(run)[0]["loss"])
