@@ -11,7 +11,9 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from tunesmith.model.load import (
     check_model_type,
@@ -23,6 +25,9 @@ from tunesmith.model.load import (
 from tunesmith.model.quant import recorded_bnb_config
 from tunesmith.options import ModelOptions
 from tunesmith.utils import UserError, atomic_dir, error_line, logger
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -108,8 +113,12 @@ def resolve_base(model: ModelOptions, adapters: list[str], system: str | None = 
 
 
 def load_adapted(
-    base: Base, dtype: Any, device: Any, attn_impl: str = "sdpa", quantized: bool = True
-) -> tuple[Any, Any]:
+    base: Base,
+    dtype: torch.dtype,
+    device: torch.device,
+    attn_impl: str = "sdpa",
+    quantized: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model in eval mode with the adapters applied, tokenizer).
 
     With ``quantized``, a QLoRA adapter meets its base quantized as in training where this
@@ -143,14 +152,16 @@ def merged_dir(adapter: Path, output_dir: str | None) -> Path:
     )
 
 
-def merged(model: Any) -> Any:
+def merged(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` with its peft adapters folded into the weights; a plain model as it is."""
     if hasattr(model, "merge_and_unload"):  # a PeftModel; a plain model has nothing to merge
         return model.merge_and_unload()
     return model
 
 
-def merge_and_save(model: Any, tokenizer: Any, out: Path) -> Any:
+def merge_and_save(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path
+) -> torch.nn.Module:
     """Fold the adapters into the weights, save model, config and tokenizer to ``out``;
     returns the merged model.
 

@@ -16,10 +16,14 @@ of QLoRA weights.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunesmith.options import QuantOptions
 from tunesmith.utils import UserError, logger
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import BitsAndBytesConfig
 
 BITS = (4, 8)
 INSTALL = "pip install 'tunesmith[qlora]'"
@@ -61,7 +65,7 @@ def require_bitsandbytes(what: str) -> None:
         raise UserError(f"{what} needs bitsandbytes, which is not installed: {INSTALL}") from None
 
 
-def check_lora_dtype(lora_dtype: str, compute_dtype: Any, full: bool) -> None:
+def check_lora_dtype(lora_dtype: str, compute_dtype: torch.dtype, full: bool) -> None:
     """Refuse ``--lora_dtype`` combinations that cannot train."""
     import torch
 
@@ -77,7 +81,9 @@ def check_lora_dtype(lora_dtype: str, compute_dtype: Any, full: bool) -> None:
         )
 
 
-def bnb_config(bits: int, quant_type: str, double_quant: bool, compute_dtype: Any) -> Any:
+def bnb_config(
+    bits: int, quant_type: str, double_quant: bool, compute_dtype: torch.dtype
+) -> BitsAndBytesConfig:
     """The transformers ``BitsAndBytesConfig`` for ``--quantization_bit`` and the bnb flags.
 
     ``compute_dtype`` is the dtype 4-bit weights are dequantized to for each matmul; 8-bit
@@ -95,7 +101,7 @@ def bnb_config(bits: int, quant_type: str, double_quant: bool, compute_dtype: An
     )
 
 
-def bnb_config_from(quant: QuantOptions, dtype: Any) -> Any:
+def bnb_config_from(quant: QuantOptions, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     """``bnb_config`` for ``quant``; None without quantization.
 
     The compute dtype defaults to the run's ``--torch_dtype``, resolved: ``dtype``.
@@ -118,7 +124,9 @@ def recorded_quant(recorded: dict[str, Any]) -> QuantOptions:
     )
 
 
-def recorded_bnb_config(recorded: dict[str, Any], dtype: Any, device_type: str) -> Any:
+def recorded_bnb_config(
+    recorded: dict[str, Any], dtype: torch.dtype, device_type: str
+) -> BitsAndBytesConfig | None:
     """For ``infer --adapters``: load the base quantized as the run trained it, where possible.
 
     Returns None (full-precision base) for unquantized runs, and, with a note, where this
@@ -140,7 +148,7 @@ def recorded_bnb_config(recorded: dict[str, Any], dtype: Any, device_type: str) 
     return bnb_config_from(recorded_quant(recorded), dtype)
 
 
-def set_lora_dtype(model: Any, lora_dtype: str) -> None:
+def set_lora_dtype(model: torch.nn.Module, lora_dtype: str) -> None:
     """Cast the LoRA weights (A, B, DoRA magnitudes) to ``lora_dtype``; the optimizer follows.
 
     peft creates them in fp32; ``modules_to_save`` copies keep the base's dtype.
@@ -153,7 +161,7 @@ def set_lora_dtype(model: Any, lora_dtype: str) -> None:
             p.data = p.data.to(dtype)
 
 
-def param_counts(model: Any) -> tuple[int, int]:
+def param_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; a packed 4-bit tensor holds two weights per byte."""
     trainable = total = 0
     for p in model.parameters():

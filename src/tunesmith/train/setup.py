@@ -45,6 +45,7 @@ from tunesmith.utils import UserError, logger, write_json
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Accelerate's name of the mixed-precision mode computing in each dtype.
 MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -97,7 +98,7 @@ def make_accelerator(dtype: torch.dtype, run_dir: Path, trackers: list[str]) -> 
 
 def load_data(
     data: DataOptions, template: TemplateOptions, model: ModelOptions, progress: bool
-) -> tuple[Path, Any, Prepared]:
+) -> tuple[Path, PreTrainedTokenizerBase, Prepared]:
     """(model directory, tokenizer, tokenized data); every record is checked before the model
     is even resolved, so a bad file fails in seconds."""
     conversations = load_conversations(data)
@@ -145,7 +146,9 @@ class ModelPlan:
     """--gradient_checkpointing (None: on for GPU)."""
 
 
-def build_model(plan: ModelPlan, device: torch.device, resume: Path | None) -> tuple[Any, str]:
+def build_model(
+    plan: ModelPlan, device: torch.device, resume: Path | None
+) -> tuple[PreTrainedModel, str]:
     """The model to train and a phrase saying what is trained.
 
     LoRA: the base in the compute dtype (QLoRA: its linear layers in 4/8 bits), adapter
@@ -255,7 +258,7 @@ class Run:
     """Validation batches, prepared (empty without validation data)."""
     has_val: bool
     """Whether there is validation data to evaluate."""
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     """Saved into every checkpoint."""
     run_dir: Path
     """Where logs and checkpoints go."""
