@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import sys
 import types
 import typing
@@ -207,6 +208,14 @@ def _check_todo(args: Any, cls: type) -> None:
 def cmd_sft(argv: list[str]) -> int:
     """``tunesmith sft``: supervised fine-tuning (LoRA) of a chat model."""
     args = parse_args(SftArgs, "tunesmith sft", "Fine-tune a chat model on your data.", argv)
+    from tunesmith.train import launch
+    from tunesmith.train.strategy import parse_strategy
+
+    # Flags are checked here once, before any worker starts (each would print the same error).
+    parse_strategy(args.fsdp, args.deepspeed, args.quantization_bit)
+    plan = None if launch.in_worker() else launch.plan_from_env()
+    if plan is not None:  # NPROC_PER_NODE=N tunesmith sft …: torchrun starts N of us
+        return launch.relaunch(plan, ["sft", *argv])
     from tunesmith.train.sft import sft
 
     run_dir = sft(args)
@@ -301,14 +310,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(argv[1:])
     except Interrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # process 0 saved: its line names the checkpoint
+            print(f"stopped: {e}", file=sys.stderr)
         return 130
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not _left_to_launcher(e):
+            from tunesmith.train.launch import rank_prefix
+
+            print(f"error: {rank_prefix()}{e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        _left_to_launcher(e)  # the traceback still prints: it is this process's crash
+        raise
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+def _left_to_launcher(e: BaseException) -> bool:
+    """In a worker of a multi-process run: leave ``e`` for the launcher's one-line summary."""
+    from tunesmith.train.launch import in_worker, record_worker_error
+
+    return in_worker() and record_worker_error(e)
 
 
 if __name__ == "__main__":

@@ -223,8 +223,16 @@ class TrainArgs:
         "their memory at some precision cost",
         choices=("float32", "bfloat16", "float16"),
     )
+    fsdp: str | None = arg(
+        None,
+        "shard weights, gradients and optimizer state over the processes with FSDP2: "
+        "full_shard (or true), shard_grad_op (keep gathered weights until backward), plus "
+        "offload (to CPU memory); default: DDP, a full copy in each process",
+    )
     deepspeed: str | None = arg(
-        None, "DeepSpeed config", todo="multi-GPU training (issue: distributed)"
+        None,
+        "DeepSpeed ZeRO instead of DDP/FSDP: zero2, zero3, zero3_offload, or a DeepSpeed JSON "
+        "config file (pip install 'tunesmith[deepspeed]')",
     )
 
 

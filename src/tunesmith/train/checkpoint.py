@@ -13,6 +13,8 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +44,24 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     optimizer: Any = None,
     scheduler: Any = None,
+    gathered: Gathered | None = None,
 ) -> Path:
     """Write ``checkpoint-{step}``: the adapter (peft format), tokenizer, args and state.
 
     With ``optimizer`` and ``scheduler`` it also holds what an exact resume needs.
+    ``gathered``: what a multi-process run collected from all its processes (a sharded
+    model's weights and optimizer state, every rank's random state).
     """
     final = Path(run_dir) / f"checkpoint-{step}"
+    gathered = gathered or Gathered()
     try:
         with atomic_dir(final) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=gathered.model)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "args.json", args)
             write_json(tmp / "trainer_state.json", trainer_state)
             if optimizer is not None and scheduler is not None:
-                save_training_state(tmp, optimizer, scheduler, trainer_state)
+                save_training_state(tmp, optimizer, scheduler, trainer_state, gathered)
     except OSError as e:
         # atomic_dir removed the partial copy; every earlier checkpoint is untouched.
         raise UserError(
@@ -95,19 +101,38 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+@dataclass
+class Gathered:
+    """State a multi-process run collects on rank 0 before saving (None: read it locally)."""
+
+    model: dict[str, Any] | None = None
+    """A sharded model's full state dict (keys of the peft/HF model)."""
+    optimizer: dict[str, Any] | None = None
+    """A sharded optimizer's full state, keyed by parameter index like ``state_dict()``."""
+    rng_ranks: list[dict[str, Any]] | None = None
+    """Every rank's random state, in rank order (see ``distributed.rng_state``)."""
+
+
 def save_training_state(
-    path: Path, optimizer: Any, scheduler: Any, position: dict[str, Any]
+    path: Path,
+    optimizer: Any,
+    scheduler: Any,
+    position: dict[str, Any],
+    gathered: Gathered | None = None,
 ) -> None:
     """Optimizer, scheduler, RNG and data position: what an exact resume needs.
 
     Tensors go to ``training_state.safetensors`` and the rest to ``training_state.json``; no
-    pickle, so a checkpoint received from someone else cannot run code when loaded.
+    pickle, so a checkpoint received from someone else cannot run code when loaded. The
+    format does not depend on the number of processes; a multi-process run adds each rank's
+    random state (``rng_ranks``), which a resume with another process count ignores.
     """
     import numpy as np
     import torch
     from safetensors.torch import save_file
 
-    opt = optimizer.state_dict()
+    gathered = gathered or Gathered()
+    opt = gathered.optimizer or optimizer.state_dict()
     tensors: dict[str, Any] = {}
     scalars: dict[str, Any] = {}
     for pid, state in opt["state"].items():
@@ -132,11 +157,24 @@ def save_training_state(
         "rng_numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "position": position,
     }
+    if gathered.rng_ranks:
+        meta["rng_ranks"] = gathered.rng_ranks
     write_json(path / "training_state.json", meta)
 
 
-def load_training_state(path: Path, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Restore what ``save_training_state`` wrote; returns the saved data position."""
+def load_training_state(
+    path: Path,
+    optimizer: Any,
+    scheduler: Any,
+    load_optimizer: Callable[[dict[str, Any]], None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """Restore what ``save_training_state`` wrote; returns the saved data position.
+
+    ``load_optimizer`` loads the index-keyed optimizer state where ``optimizer.load_state_dict``
+    cannot (a sharded optimizer); ``rank``/``world_size`` pick this process's random state.
+    """
     from safetensors.torch import load_file
 
     meta = json.loads((path / "training_state.json").read_text(encoding="utf-8"))
@@ -149,19 +187,30 @@ def load_training_state(path: Path, optimizer: Any, scheduler: Any) -> dict[str,
     for name, value in meta["optimizer_scalars"].items():
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    full = {"state": state, "param_groups": meta["param_groups"]}
+    (load_optimizer or optimizer.load_state_dict)(full)
     scheduler.load_state_dict(meta["scheduler"])
-    restore_rng(path)
+    restore_rng(path, rank, world_size)
     return meta["position"]
 
 
-def restore_rng(path: Path) -> None:
-    """Set the Python, NumPy, torch (and CUDA) random states saved in a checkpoint."""
+def restore_rng(path: Path, rank: int = 0, world_size: int = 1) -> None:
+    """Set the Python, NumPy, torch (and CUDA) random states saved in a checkpoint.
+
+    A process of a run resumed with the same number of processes takes its own rank's state;
+    otherwise every process takes rank 0's (the run is resumable, not bit-exact).
+    """
     import numpy as np
     import torch
     from safetensors import safe_open
 
     meta = json.loads((path / "training_state.json").read_text(encoding="utf-8"))
+    ranks = meta.get("rng_ranks") or []
+    if world_size > 1 and len(ranks) == world_size:
+        from tunesmith.train.distributed import set_rng_state
+
+        set_rng_state(ranks[rank])
+        return
     # Read only the small RNG tensors, not the optimizer state stored beside them.
     with safe_open(path / "training_state.safetensors", framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith("rng.")}  # noqa: SIM118

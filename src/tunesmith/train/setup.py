@@ -25,7 +25,7 @@ from tunesmith.model.load import (
     resolve_dtype,
     resolve_model,
 )
-from tunesmith.model.lora import CausalLMLoss, keep_activation_dtype, lora_config
+from tunesmith.model.lora import CausalLMLoss, hf_model, keep_activation_dtype, lora_config
 from tunesmith.options import (
     DataOptions,
     LoraOptions,
@@ -39,7 +39,9 @@ from tunesmith.options import (
     quant_options,
     template_options,
 )
+from tunesmith.train import distributed
 from tunesmith.train.optim import adamw, lr_lambda
+from tunesmith.train.strategy import Strategy, accelerator_plugins
 from tunesmith.train.track import JsonlLog, check_trackers, packing_report, truncate_log
 from tunesmith.utils import UserError, logger, write_json
 
@@ -71,8 +73,11 @@ def validate(args: SftArgs) -> None:
         )
 
 
-def make_accelerator(dtype: torch.dtype, run_dir: Path, trackers: list[str]) -> Accelerator:
-    """An Accelerator computing in ``dtype`` under autocast, logging to ``trackers``.
+def make_accelerator(
+    dtype: torch.dtype, run_dir: Path, trackers: list[str], strategy: Strategy, args: SftArgs
+) -> Accelerator:
+    """An Accelerator computing in ``dtype`` under autocast, logging to ``trackers``, sharing
+    the work of several processes as ``strategy`` says (DDP, FSDP2, DeepSpeed).
 
     Autocast runs the fp32 LoRA weights in the base's dtype: no fp32 copies of the
     activations, and one mixed-precision path on CPU and GPU alike.
@@ -88,12 +93,20 @@ def make_accelerator(dtype: torch.dtype, run_dir: Path, trackers: list[str]) -> 
         # of its state carries over between runs, so it is cleared only in this case.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    return Accelerator(
+    plugins = accelerator_plugins(
+        strategy, mixed, args.gradient_accumulation_steps, args.max_grad_norm
+    )
+    accelerator = Accelerator(
         mixed_precision=mixed,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Accelerate finds CPU worker processes (gloo) only when asked for the CPU.
+        cpu=not torch.cuda.is_available(),
+        **plugins,
     )
+    distributed.fsdp_on_cpu(accelerator, plugins)
+    return accelerator
 
 
 def load_data(
@@ -266,6 +279,8 @@ class Run:
     """Every resolved argument (``args.json``)."""
     sched: Schedule
     """Step counts."""
+    strategy: Strategy
+    """How the processes share the model (DDP, FSDP2, DeepSpeed)."""
     trackers: list[str] = field(default_factory=list)
     """--report_to trackers in use."""
     resume: Path | None = None
@@ -274,7 +289,9 @@ class Run:
     """``logging.jsonl`` (main process only)."""
 
 
-def setup(args: SftArgs, model_opts: ModelOptions, run_dir: Path, resume: Path | None) -> Run:
+def setup(
+    args: SftArgs, model_opts: ModelOptions, run_dir: Path, resume: Path | None, strategy: Strategy
+) -> Run:
     """Data, model, optimizer, schedule and loaders, prepared by a fresh Accelerator."""
     from accelerate import PartialState
 
@@ -282,12 +299,15 @@ def setup(args: SftArgs, model_opts: ModelOptions, run_dir: Path, resume: Path |
     dtype = resolve_dtype(model_opts.torch_dtype, PartialState().device.type)
     full = args.train_type == "full"
     quant.check_lora_dtype(args.lora_dtype, dtype, full)
-    accelerator = make_accelerator(dtype, run_dir, trackers)
+    accelerator = make_accelerator(dtype, run_dir, trackers, strategy, args)
     template = template_options(args)
     data_opts = data_options(args, use_hf=model_opts.use_hf)
-    model_dir, tokenizer, data = load_data(
-        data_opts, template, model_opts, accelerator.is_main_process
-    )
+    # One process per machine converts the model and tokenizes (both cached on disk); the
+    # others then read the cache instead of writing it too.
+    with accelerator.local_main_process_first():
+        model_dir, tokenizer, data = load_data(
+            data_opts, template, model_opts, accelerator.is_main_process
+        )
     items = train_items(
         data.train, template.max_length, args.packing, args.per_device_train_batch_size
     )
@@ -312,9 +332,12 @@ def setup(args: SftArgs, model_opts: ModelOptions, run_dir: Path, resume: Path |
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, optim, fused=accelerator.device.type == "cuda")
     loader, val_loader = loaders(args, items, data.val, tokenizer.pad_token_id)
+    distributed.set_layers_to_shard(accelerator, hf_model(model))
     loss_module, optimizer, loader, val_loader = accelerator.prepare(
         CausalLMLoss(model), optimizer, loader, val_loader
     )
+    # FSDP2 replaced the parameters with sharded ones: clip those.
+    params = [p for p in loss_module.parameters() if p.requires_grad]
     sched, scheduler = schedule(args, optim, len(loader), optimizer)
     resolved = to_dict(args) | {
         "model": model_opts.model,
@@ -322,7 +345,8 @@ def setup(args: SftArgs, model_opts: ModelOptions, run_dir: Path, resume: Path |
         "run_dir": str(run_dir),
     }
     return Run(args, accelerator, loss_module, params, optimizer, scheduler, loader, val_loader,
-               bool(data.val), tokenizer, run_dir, resolved, sched, trackers)  # fmt: skip
+               bool(data.val), tokenizer, run_dir, resolved, sched, strategy,
+               trackers)  # fmt: skip
 
 
 def open_run_dir(run: Run, exact_resume: bool, step: int) -> None:
@@ -341,6 +365,7 @@ def open_run_dir(run: Run, exact_resume: bool, step: int) -> None:
         f"training: {run.sched.total_steps} steps ({run.sched.steps_per_epoch}/epoch, batch "
         f"{args.per_device_train_batch_size}x{args.gradient_accumulation_steps}x"
         f"{run.accelerator.num_processes}), output {run.run_dir}"
+        + distributed.describe(run.accelerator)
     )
 
 

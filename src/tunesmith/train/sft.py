@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,9 @@ import torch
 
 from tunesmith.config import SftArgs
 from tunesmith.options import model_options
+from tunesmith.train import distributed
 from tunesmith.train.checkpoint import (
+    Gathered,
     find_resume_checkpoint,
     load_training_state,
     new_run_dir,
@@ -29,6 +30,7 @@ from tunesmith.train.checkpoint import (
 )
 from tunesmith.train.setup import Run, open_run_dir, setup, validate
 from tunesmith.train.stop import StopRequest
+from tunesmith.train.strategy import check_resume, parse_strategy
 from tunesmith.train.track import BestTracker, evaluate, log_record, plot_curves
 from tunesmith.utils import Interrupted, UserError, logger, seed_everything, write_json
 
@@ -61,22 +63,31 @@ def sft(args: SftArgs) -> Path:
     """Fine-tune ``args.model`` (default: ``demo``) on ``args.dataset``; returns the run
     directory. ``args`` is only read."""
     validate(args)
+    strategy = parse_strategy(args.fsdp, args.deepspeed, args.quantization_bit)
+    check_resume(strategy, args.resume_from_checkpoint, args.resume_only_model)
     seed_everything(args.seed)
     model = model_options(args, default_model="demo")
+    state = distributed.init_state()
+    distributed.quiet_other_ranks(state.is_main_process)
     resume = None
     if args.resume_from_checkpoint:
         resume = find_resume_checkpoint(args.resume_from_checkpoint, Path(args.output_dir))
     # An exact resume continues in its own run directory: one log, one TensorBoard run.
     exact_resume = resume is not None and not args.resume_only_model
-    run_dir = (
+    run_dir = distributed.agree(  # named from the clock: rank 0's name for every process
         resume.parent if exact_resume else new_run_dir(Path(args.output_dir), args.add_version)
     )
-    run = setup(args, model, run_dir, resume)
+    run = setup(args, model, run_dir, resume, strategy)
     pos = Position()
     if exact_resume:
         assert resume is not None
-        saved = load_training_state(resume, run.optimizer, run.scheduler)
-        pos.step, pos.epoch, pos.skip = saved["global_step"], saved["epoch_index"], saved["micro"]
+        acc = run.accelerator
+        saved = load_training_state(
+            resume, run.optimizer, run.scheduler, sharded_optimizer_loader(run),
+            acc.process_index, acc.num_processes,
+        )  # fmt: skip
+        pos.step, pos.epoch = saved["global_step"], saved["epoch_index"]
+        pos.skip = distributed.micro_batches_to_skip(saved, acc.num_processes)
         logger.info(
             f"resuming at step {pos.step} (epoch {pos.epoch}, micro-batch {pos.skip}) from {resume}"
         )
@@ -119,7 +130,7 @@ def train_loop(run: Run, pos: Position, best: BestTracker) -> None:
                 if pos.step % run.args.save_steps == 0 or pos.step == total or early or stopping:
                     save_step(run, pos, best, end=pos.step if early else total)
                 if stopping:
-                    run.accelerator.end_training()
+                    distributed.finish(run.accelerator)
                     raise Interrupted(
                         f"{stop.requested or 'a stop signal'} received: saved {pos.last_ckpt} "
                         f"after step {pos.step}; continue with the same command plus "
@@ -145,7 +156,7 @@ def epoch_batches(run: Run, pos: Position) -> Any:
         # Starting the data iterator may draw from the global RNG; restore the saved states
         # after it so dropout masks match the uninterrupted run.
         assert run.resume is not None
-        restore_rng(run.resume)
+        restore_rng(run.resume, run.accelerator.process_index, run.accelerator.num_processes)
     return batches
 
 
@@ -161,12 +172,13 @@ def train_step(run: Run, pos: Position, micro: list[dict[str, Any]]) -> tuple[fl
     )
     n_step = acc.reduce(n_step, reduction="sum").clamp(min=1)
     step_loss = torch.zeros((), device=acc.device)
+    scale = distributed.loss_scale(acc, run.args.gradient_accumulation_steps)
     for i, batch in enumerate(micro):
-        with acc.no_sync(run.loss_module) if i < len(micro) - 1 else nullcontext():
+        with distributed.micro_step(acc, run.loss_module, i == len(micro) - 1):
             loss_sum, n, correct = run.loss_module(**batch)
             # DDP averages gradients over processes: scale by their number to get a sum over
             # all tokens, divided by the global token count.
-            acc.backward(loss_sum * acc.num_processes / n_step)
+            acc.backward(loss_sum * scale / n_step)
         step_loss += loss_sum.detach()
         window["correct"] += float(correct)
         window["tokens"] += batch["input_ids"].numel()
@@ -174,7 +186,8 @@ def train_step(run: Run, pos: Position, micro: list[dict[str, Any]]) -> tuple[fl
         window["trained"] += int(n)
     grad_norm = None
     if run.args.max_grad_norm > 0:
-        grad_norm = float(acc.clip_grad_norm_(run.params, run.args.max_grad_norm))
+        norm = acc.clip_grad_norm_(run.params, run.args.max_grad_norm)
+        grad_norm = None if norm is None else float(norm)  # DeepSpeed: none before its step
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -203,10 +216,13 @@ def progress_bar(step: int, total: int, main: bool) -> Any:
 
 
 def log_step(run: Run, pos: Position, grad_norm: float | None) -> None:
-    """Write one ``logging.jsonl`` line and tracker point; start a new window."""
+    """Write one ``logging.jsonl`` line and tracker point; start a new window. Counts are
+    summed over the processes, memory is the busiest process's."""
+    distributed.sum_counts(run.accelerator, pos.window, ("tokens", "trained", "correct"))
     record = log_record(pos.window, pos.step, run.sched.steps_per_epoch, run.sched.total_steps,
                         pos.t0, run.scheduler.get_last_lr()[0], grad_norm,
                         run.args.logging_steps, pos.first_step)  # fmt: skip
+    record["memory_gb"] = distributed.max_over_processes(run.accelerator, record["memory_gb"])
     if run.log is not None:
         run.log.write(record)
     run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=pos.step)
@@ -248,11 +264,26 @@ def stop_signalled(accelerator: Any, stop: StopRequest) -> bool:
     return bool(accelerator.reduce(flag, reduction="sum"))
 
 
+def sharded_optimizer_loader(run: Run) -> Any:
+    """How an exact resume loads the optimizer: FSDP2's holds shards (None: the usual way)."""
+    if not (run.strategy.sharded and run.accelerator.is_fsdp2):
+        return None
+    return lambda full: distributed.load_full_optimizer_state(run.optimizer, full)
+
+
 def save_step(run: Run, pos: Position, best: BestTracker, end: int) -> None:
     """Save ``checkpoint-{step}`` (main process) and rotate the old ones; ``end`` is the step
-    the run ends at (recorded as ``max_steps``)."""
-    run.accelerator.wait_for_everyone()
-    if not run.accelerator.is_main_process:
+    the run ends at (recorded as ``max_steps``). Every process takes part in gathering what
+    is sharded or per-process; only the main process writes."""
+    acc, sharded = run.accelerator, run.strategy.sharded
+    acc.wait_for_everyone()
+    save_only_model = run.args.save_only_model or not run.strategy.saves_optimizer
+    gathered = Gathered(
+        distributed.full_model_state(acc, run.loss_module, sharded),
+        None if save_only_model else distributed.full_optimizer_state(acc, run.optimizer, sharded),
+        distributed.gather_rng_states(acc),
+    )
+    if not acc.is_main_process:
         return
     state = {
         "global_step": pos.step,
@@ -260,6 +291,7 @@ def save_step(run: Run, pos: Position, best: BestTracker, end: int) -> None:
         "epoch": pos.step / run.sched.steps_per_epoch,
         "epoch_index": pos.epoch,
         "micro": pos.consumed,
+        "world_size": acc.num_processes,
     }
     pos.last_ckpt = save_checkpoint(
         run.run_dir,
@@ -268,8 +300,9 @@ def save_step(run: Run, pos: Position, best: BestTracker, end: int) -> None:
         tokenizer=run.tokenizer,
         args=run.resolved,
         trainer_state=state,
-        optimizer=None if run.args.save_only_model else run.optimizer,
+        optimizer=None if save_only_model else run.optimizer,
         scheduler=run.scheduler,
+        gathered=gathered,
     )
     if best.best_step == pos.step:
         best.checkpoint = pos.last_ckpt
@@ -280,15 +313,21 @@ def finish(run: Run, pos: Position, best: BestTracker) -> None:
     """Close trackers and log, plot the curves, report; point the run at its best checkpoint
     with --load_best_model_at_end."""
     train_s = time.perf_counter() - pos.t0
-    run.accelerator.end_training()
-    if run.log is None:
-        return
+    totals = {"tokens": pos.seen_tokens}
+    distributed.sum_counts(run.accelerator, totals, ("tokens",))
+    if run.log is not None:
+        report(run, pos, best, train_s, totals["tokens"])
+    distributed.finish(run.accelerator)  # every process leaves when the files are written
+
+
+def report(run: Run, pos: Position, best: BestTracker, train_s: float, tokens: float) -> None:
+    """Main process: close the log, plot the curves, say how it went."""
+    assert run.log is not None
     run.log.close()
     plot_curves(run.run_dir / "logging.jsonl", run.run_dir / "images")
     logger.info(
         f"trained {pos.step - pos.first_step} steps in {train_s:.1f}s "
-        f"({pos.seen_tokens / train_s:.0f} tokens/s per process); last checkpoint: "
-        f"{pos.last_ckpt}"
+        f"({tokens / train_s:.0f} tokens/s in all); last checkpoint: {pos.last_ckpt}"
     )
     if best.best is not None:
         logger.info(
