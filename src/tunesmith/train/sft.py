@@ -23,6 +23,7 @@ from tunesmith.model.load import (
     resolve_model,
 )
 from tunesmith.model.lora import CausalLMLoss, keep_activation_dtype, lora_config
+from tunesmith.model.lora_dropout import share_lora_dropout
 from tunesmith.train.checkpoint import (
     find_resume_checkpoint,
     load_training_state,
@@ -133,6 +134,7 @@ def sft(args: SftArgs) -> Path:
             use_dora=args.use_dora,
         ))  # fmt: skip
         quant.set_lora_dtype(model, args.lora_dtype)
+        share_lora_dropout(model)  # one mask per input, a quarter of the RNG calls
         if resume is not None:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
