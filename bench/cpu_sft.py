@@ -109,7 +109,7 @@ def _child(argv: list[str]) -> None:
     sys.exit(code)  # a normal exit: the teardown is part of the wall
 
 
-def _instrument(sft_mod, timer: dict[str, float], torch) -> None:  # noqa: ANN001
+def _instrument(sft_mod, timer: dict[str, float], torch) -> None:
     """Wrap the functions sft() calls so that their time adds up under a phase name."""
     import accelerate
     import peft
@@ -117,8 +117,8 @@ def _instrument(sft_mod, timer: dict[str, float], torch) -> None:  # noqa: ANN00
 
     from tunesmith.model import lora
 
-    def timed(phase: str, fn):  # noqa: ANN202, ANN001
-        def wrapper(*a, **k):  # noqa: ANN002, ANN003, ANN202
+    def timed(phase: str, fn):
+        def wrapper(*a, **k):
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
@@ -208,10 +208,10 @@ def probe(ckpt: str, src: Path) -> dict:
     proc = subprocess.run(
         [sys.executable, "-c", code, ckpt], capture_output=True, text=True, env=env, check=True
     )
-    answers = [
-        {"q": q, "a": a, "ok": knows_identity(a)} for q, a in json.loads(proc.stdout.splitlines()[-1])
-    ]
-    return {"identity_right": sum(a["ok"] for a in answers), "probes": len(answers), "answers": answers}
+    pairs = json.loads(proc.stdout.splitlines()[-1])
+    answers = [{"q": q, "a": a, "ok": knows_identity(a)} for q, a in pairs]
+    right = sum(a["ok"] for a in answers)
+    return {"identity_right": right, "probes": len(answers), "answers": answers}
 
 
 def cpu_flags() -> str:
