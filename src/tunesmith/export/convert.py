@@ -66,7 +66,7 @@ def load_for_export(args: ExportArgs) -> tuple[Any, Any, str | None, Path | None
     if args.torch_dtype != "auto":
         from tunesmith.model.load import resolve_dtype
 
-        dtype = resolve_dtype(args.torch_dtype, "cpu")
+        dtype = resolve_dtype(args.torch_dtype, "cpu", compute=False)
     return load_model(model_dir, dtype), load_tokenizer(model_dir), args.system, source, name
 
 
