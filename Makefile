@@ -29,8 +29,8 @@ test: setup
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/python -m pytest -q
 
-test-unit: setup
-	$(BIN)/python -m pytest -q tests/unit
+test-unit: setup  # the quick loop: no training runs (those are marked slow)
+	$(BIN)/python -m pytest -q tests/unit -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check --fix src tests bench && $(BIN)/ruff format src tests bench

@@ -127,13 +127,22 @@ def _instrument(sft_mod, timer: dict[str, float], torch) -> None:
 
         return wrapper
 
-    for name in ("load_conversations", "resolve_model", "load_tokenizer", "prepare", "collate"):
-        setattr(sft_mod, name, timed("data", getattr(sft_mod, name)))
-    for name in ("load_model",):
-        setattr(sft_mod, name, timed("model", getattr(sft_mod, name)))
+    import contextlib
+    import importlib
+
+    mods = [sft_mod]
+    with contextlib.suppress(ModuleNotFoundError):  # sft's set-up, since issue 16's refactor
+        mods.append(importlib.import_module("tunesmith.train.setup"))
+    phases = {"data": ("load_conversations", "resolve_model", "load_tokenizer", "prepare")}
+    phases |= {"model": ("load_model",), "checkpoint": ("save_checkpoint", "rotate")}
+    phases["data"] += ("collate",)
+    for phase, names in phases.items():
+        for name in names:
+            # sft() and its set-up helpers call these by their module-level names.
+            for mod in mods:
+                if name in vars(mod):
+                    setattr(mod, name, timed(phase, vars(mod)[name]))
     peft.get_peft_model = timed("model", peft.get_peft_model)
-    for name in ("save_checkpoint", "rotate"):
-        setattr(sft_mod, name, timed("checkpoint", getattr(sft_mod, name)))
     lora.CausalLMLoss.forward = timed("forward", lora.CausalLMLoss.forward)
     accelerate.Accelerator.backward = timed("backward", accelerate.Accelerator.backward)
     accelerate.Accelerator.clip_grad_norm_ = timed(

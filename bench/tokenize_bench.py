@@ -21,6 +21,7 @@ from tunesmith.cli import parse_args
 from tunesmith.config import DataCommandArgs
 from tunesmith.data.prepare import prepare
 from tunesmith.model.load import load_tokenizer, resolve_model
+from tunesmith.options import data_options, template_options
 
 OUT = Path(__file__).resolve().parent / "out"
 EN = "the model learns from data and answers questions about science history code and math"
@@ -68,7 +69,7 @@ def main() -> None:
                 ["--dataset", str(path), "--dataset_num_proc", str(procs), "--max_length", "2048"],
             )
             t0 = time.perf_counter()
-            data = prepare(args, tokenizer, progress=False)
+            data = prepare(data_options(args), template_options(args), tokenizer, progress=False)
             dt = time.perf_counter() - t0
             tokens = sum(len(s.input_ids) for s in data.train)
             results.append((label, dt, len(data.train), tokens))

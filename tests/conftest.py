@@ -1,4 +1,13 @@
-"""Shared test setup: the offline tiny model, an isolated cache, and the integration marker."""
+"""Shared test setup: the tiny offline model as fixtures, an isolated cache, and the markers.
+
+Tests get the tiny random Qwen2 through fixtures: ``tiny_tokenizer``, ``tiny_model``,
+``make_tiny_model`` (another seed or dtype), ``tiny_model_dir`` (saved, for ``--model``) and
+``checkpoint`` (a LoRA checkpoint trained by ``sft``). ``tiny.py`` builds them.
+
+Markers: tests under tests/integration/ are ``integration``; tests that train a model
+(``sft``, or the ``checkpoint`` fixture) are ``slow``: ``make test`` runs them,
+``make test-unit`` skips them.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +46,25 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def make_tiny_model(tiny_tokenizer):
+    """``make_tiny_model(seed=0, dtype=torch.float32)``: a fresh tiny random Qwen2."""
+    from tiny import build_tiny_model
+
+    def make(seed: int = 0, dtype=None):
+        import torch
+
+        return build_tiny_model(tiny_tokenizer, seed=seed, dtype=dtype or torch.float32)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def tiny_model(make_tiny_model):
+    """The tiny random Qwen2 (seed 0, fp32), one per test module."""
+    return make_tiny_model(seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local HF model directory (tiny random Qwen2 + tokenizer), made once per session."""
     from tiny import save_tiny
@@ -45,11 +73,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests under tests/integration/ get the ``integration`` marker."""
+    """Tests under tests/integration/ get the ``integration`` marker; tests that need the
+    trained ``checkpoint`` fixture get ``slow``."""
     integration = TESTS / "integration"
     for item in items:
         if Path(str(item.path)).resolve().is_relative_to(integration):
             item.add_marker(pytest.mark.integration)
+        if "checkpoint" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="module")

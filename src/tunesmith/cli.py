@@ -22,8 +22,6 @@ from tunesmith.config import (
     ExportArgs,
     InferCommandArgs,
     SftArgs,
-    from_dict,
-    to_dict,
 )
 from tunesmith.utils import Interrupted, UserError, logger, setup_logging
 
@@ -235,7 +233,7 @@ def cmd_data(argv: list[str]) -> int:
         "Check a dataset and see exactly what the model will learn from it.",
         argv,
     )
-    from tunesmith.data.report import data_command
+    from tunesmith.train.data_check import data_command
 
     print(data_command(args))
     return 0
@@ -249,25 +247,9 @@ def cmd_export(argv: list[str]) -> int:
         "Merge adapters into a standalone model, or convert a model to GGUF / Ollama.",
         argv,
     )
-    if args.to:
-        from tunesmith.export.convert import export_to
+    from tunesmith.export.convert import export
 
-        export_to(args)
-        return 0
-    from tunesmith.export.hub import check_push_args, push_to_hub
-    from tunesmith.export.merge import merge_and_save, merged_dir
-    from tunesmith.infer.engine import check_adapter, load_engine
-
-    if not args.adapters or not args.merge_lora:
-        raise UserError(
-            "tunesmith export: pass --adapters CHECKPOINT --merge_lora true, or --to gguf|ollama"
-        )
-    token = check_push_args(args.hub_model_id, args.hub_token) if args.push_to_hub else None
-    out = merged_dir(check_adapter(args.adapters[-1]), args.output_dir)
-    engine = load_engine(from_dict(InferCommandArgs, to_dict(args)))
-    merge_and_save(engine, out)
-    if token is not None:
-        push_to_hub(out, args.hub_model_id, token, args.hub_private_repo)
+    export(args)
     return 0
 
 

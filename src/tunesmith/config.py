@@ -334,9 +334,9 @@ class InferCommandArgs(InferArgs, TemplateArgs, ModelArgs):
     """Everything ``tunesmith infer`` takes."""
 
 
-def to_dict(args: Any) -> dict[str, Any]:
+def to_dict(args: object) -> dict[str, Any]:
     """All resolved fields of an args dataclass, as written to ``args.json``."""
-    return dataclasses.asdict(args)
+    return dataclasses.asdict(args)  # type: ignore[call-overload]
 
 
 def from_dict(cls: type, values: dict[str, Any]) -> Any:

@@ -15,6 +15,10 @@ from typing import Any
 
 logger = logging.getLogger("tunesmith")
 
+# The label of a token that carries no loss (PyTorch's cross-entropy ignore_index). Here, not
+# in data/, because both the data side (labels) and the model side (the loss) need it.
+IGNORE = -100
+
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, bad file, missing model).

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny import build_tiny_model
 from tunesmith.data.collate import collate, pack
 from tunesmith.data.messages import Conversation, Message
 from tunesmith.data.template import IGNORE, Sample, encode
 from tunesmith.model import lora as lora_mod
 from tunesmith.model.lora import CausalLMLoss, lora_config
+from tunesmith.options import LoraOptions
 
 PAIRS = [
     ("Hello, world!", "I am fine, thank you."),
@@ -47,8 +47,8 @@ def samples(tiny_tokenizer) -> list[Sample]:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_tokenizer):
-    return build_tiny_model(tiny_tokenizer, seed=0)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -218,22 +218,14 @@ def test_packed_left_truncated_sample_does_not_learn_across_the_boundary(
 
 
 @pytest.fixture(scope="module")
-def lora_model(tiny_tokenizer):
+def lora_model(make_tiny_model):
     from peft import get_peft_model
 
-    cfg = lora_config(
-        rank=4,
-        alpha=8,
-        dropout=0.0,
-        target_modules=["all-linear"],
-        modules_to_save=[],
-        use_rslora=False,
-        use_dora=False,
-    )
+    cfg = lora_config(LoraOptions(rank=4, alpha=8, dropout=0.0))
     cfg.init_lora_weights = False  # random (nonzero) B, so every LoRA weight gets a gradient
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(123)
-        peft_model = get_peft_model(build_tiny_model(tiny_tokenizer, seed=1), cfg)
+        peft_model = get_peft_model(make_tiny_model(seed=1), cfg)
     return peft_model
 
 

@@ -16,17 +16,13 @@ GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from tiny import build_tiny_tokenizer
-
-    return build_tiny_tokenizer()
+def tok(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    from tiny import build_tiny_model
-
-    return build_tiny_model(tok, seed=0)
+def model(tiny_model):
+    return tiny_model
 
 
 def prompt(tok, text: str) -> torch.Tensor:

@@ -22,7 +22,8 @@ from tunesmith.train import checkpoint
 from tunesmith.train.sft import sft
 from tunesmith.utils import UserError
 
-pytestmark = pytest.mark.usefixtures("isolated_torch")
+# Trains the tiny model: the slow group (make test runs it, make test-unit skips it).
+pytestmark = [pytest.mark.usefixtures("isolated_torch"), pytest.mark.slow]
 
 
 @pytest.fixture
@@ -79,7 +80,10 @@ def test_sigterm_saves_and_says_how_to_resume(tiny_model_dir: Path, data: Path, 
     )  # fmt: skip
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
-    assert (ckpt.parent / f"checkpoint-{step + 2}").is_dir()
+    # The resumed run continued in the same run directory, up to the new last step.
+    assert [p.name for p in out.iterdir()] == [ckpt.parent.name]
+    state = ckpt.parent / f"checkpoint-{step + 2}" / "trainer_state.json"
+    assert json.loads(state.read_text(encoding="utf-8"))["global_step"] == step + 2
 
 
 def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(

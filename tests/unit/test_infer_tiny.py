@@ -12,13 +12,8 @@ import torch
 
 from tunesmith.cli import main, parse_args
 from tunesmith.config import InferCommandArgs, SftArgs
-from tunesmith.infer.engine import (
-    chat_messages,
-    check_adapter,
-    generate,
-    generation_kwargs,
-    load_engine,
-)
+from tunesmith.infer.engine import chat_messages, generate, generation_kwargs, load_engine
+from tunesmith.model.adapters import check_adapter
 from tunesmith.model.load import resolve_dtype
 from tunesmith.train.sft import sft
 from tunesmith.utils import UserError
@@ -26,7 +21,8 @@ from tunesmith.utils import UserError
 SYSTEM = "You are a test bot."
 
 
-pytestmark = pytest.mark.usefixtures("isolated_torch")
+# Trains the tiny model: the slow group (make test runs it, make test-unit skips it).
+pytestmark = [pytest.mark.usefixtures("isolated_torch"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from tunesmith.model.lora_dropout import (
     quantized_p,
     share_lora_dropout,
 )
+from tunesmith.options import LoraOptions
 
 P = 0.05
 N = 400_000  # elements per statistical sample: the z-scores below have sd ~ 1
@@ -91,15 +92,7 @@ def _peft(dropout: float, seed: int = 0):
 
     torch.manual_seed(seed)
     base = build_tiny_model(build_tiny_tokenizer(), seed=0)
-    cfg = lora_config(
-        rank=4,
-        alpha=8,
-        dropout=dropout,
-        target_modules=["all-linear"],
-        modules_to_save=[],
-        use_rslora=False,
-        use_dora=False,
-    )
+    cfg = lora_config(LoraOptions(rank=4, alpha=8, dropout=dropout))
     model = get_peft_model(base, cfg)
     for n, p in model.named_parameters():  # non-zero B, so the adapters change the output
         if "lora_B" in n:

@@ -10,7 +10,8 @@ import torch
 
 from tunesmith.cli import main
 
-pytestmark = pytest.mark.usefixtures("isolated_torch")
+# Trains the tiny model: the slow group (make test runs it, make test-unit skips it).
+pytestmark = [pytest.mark.usefixtures("isolated_torch"), pytest.mark.slow]
 
 
 def test_merged_logits_equal_base_plus_adapter(

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from tunesmith.cli import main, parse_args
 from tunesmith.config import SftArgs, to_dict
 from tunesmith.model.quant import bnb_config_from, param_counts, recorded_bnb_config
+from tunesmith.options import quant_options
 from tunesmith.train.sft import sft
 from tunesmith.utils import UserError
 
@@ -69,7 +70,7 @@ def data(tmp_path_factory) -> Path:
 
 def test_4bit_defaults_are_nf4_double_quant_in_the_run_dtype() -> None:
     args = parse("--quantization_bit", "4")
-    cfg = bnb_config_from(to_dict(args), torch.bfloat16)
+    cfg = bnb_config_from(quant_options(args), torch.bfloat16)
     assert cfg.load_in_4bit and not cfg.load_in_8bit
     assert cfg.bnb_4bit_quant_type == "nf4"
     assert cfg.bnb_4bit_use_double_quant is True
@@ -82,16 +83,16 @@ def test_4bit_flags_reach_the_config() -> None:
         "--bnb_4bit_use_double_quant", "false", "--bnb_4bit_compute_dtype", "float16",
     )  # fmt: skip
     assert args.quantization_bit == 4  # --quant_bits is ms-swift 3's name
-    cfg = bnb_config_from(to_dict(args), torch.bfloat16)
+    cfg = bnb_config_from(quant_options(args), torch.bfloat16)
     assert cfg.bnb_4bit_quant_type == "fp4"
     assert cfg.bnb_4bit_use_double_quant is False
     assert cfg.bnb_4bit_compute_dtype == torch.float16
 
 
 def test_8bit_and_off() -> None:
-    cfg = bnb_config_from(to_dict(parse("--quantization_bit", "8")), torch.bfloat16)
+    cfg = bnb_config_from(quant_options(parse("--quantization_bit", "8")), torch.bfloat16)
     assert cfg.load_in_8bit and not cfg.load_in_4bit
-    assert bnb_config_from(to_dict(parse()), torch.bfloat16) is None
+    assert bnb_config_from(quant_options(parse()), torch.bfloat16) is None
 
 
 def test_bad_quant_type_is_refused_by_the_parser() -> None:
@@ -168,6 +169,7 @@ def bf16_lora_run(tiny_model_dir, data, tmp_path_factory) -> Path:
     return sft(parse(*sft_argv(tiny_model_dir, data, out, "--lora_dtype", "bfloat16")))
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_lora_dtype_bf16_saves_bf16_weights_and_trains(bf16_lora_run) -> None:
     weights = load_file(bf16_lora_run / "checkpoint-4" / "adapter_model.safetensors")
     assert weights and {w.dtype for w in weights.values()} == {torch.bfloat16}
@@ -181,6 +183,7 @@ def test_lora_dtype_bf16_saves_bf16_weights_and_trains(bf16_lora_run) -> None:
     assert args["lora_dtype"] == "bfloat16" and args["quantization_bit"] == 0
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_lora_dtype_bf16_adapter_loads_in_plain_peft(tiny_model_dir, bf16_lora_run) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -206,6 +209,7 @@ def test_param_counts_of_a_plain_model(tiny_model_dir) -> None:
     assert trainable == total - model.lm_head.weight.numel()
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_a_qlora_checkpoint_still_loads_for_infer_on_a_cpu(bf16_lora_run, tmp_path) -> None:
     """A run recorded as 4-bit (as on a GPU) loads here unquantized, with the note."""
     import shutil

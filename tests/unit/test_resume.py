@@ -15,7 +15,8 @@ from tunesmith.config import SftArgs
 from tunesmith.train.sft import sft
 from tunesmith.utils import UserError
 
-pytestmark = pytest.mark.usefixtures("isolated_torch")
+# Trains the tiny model: the slow group (make test runs it, make test-unit skips it).
+pytestmark = [pytest.mark.usefixtures("isolated_torch"), pytest.mark.slow]
 
 
 def _data(path: Path) -> Path:
@@ -112,7 +113,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_model_dir: Path, tmp_path
     assert best["best_step"] == best_step and best["best_model_checkpoint"].endswith(
         f"checkpoint-{best_step}"
     )
-    from tunesmith.infer.engine import check_adapter
+    from tunesmith.model.adapters import check_adapter
 
     assert check_adapter(str(run)).name == f"checkpoint-{best_step}"
 

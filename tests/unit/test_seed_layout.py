@@ -14,7 +14,8 @@ import pytest
 
 from tunesmith.cli import main
 
-pytestmark = pytest.mark.usefixtures("isolated_torch")
+# Trains the tiny model: the slow group (make test runs it, make test-unit skips it).
+pytestmark = [pytest.mark.usefixtures("isolated_torch"), pytest.mark.slow]
 
 # The seed's own self_cognition.json (six alpaca records).
 SEED_RECORDS = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -59,7 +60,8 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-pytestmark = pytest.mark.usefixtures("isolated_torch")
+# Trains the tiny model: the slow group (make test runs it, make test-unit skips it).
+pytestmark = [pytest.mark.usefixtures("isolated_torch"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,10 @@ def tb_run(tiny_model_dir, data_file, tmp_path_factory) -> tuple[SftArgs, Path]:
     out = tmp_path_factory.mktemp("out-tb")
     args = sft_args(tiny_model_dir, data_file, out, "--system", "You are a test bot.")
     assert args.report_to == ["tensorboard"]
-    return args, sft(args)
+    before = copy.deepcopy(args)
+    run_dir = sft(args)
+    assert args == before  # sft() only reads its arguments
+    return args, run_dir
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +131,13 @@ def test_logging_jsonl(tb_run) -> None:
     for r in records:
         assert set(r) >= LOG_KEYS, set(r) ^ LOG_KEYS
         assert math.isfinite(r["loss"]) and r["loss"] > 0
-        assert r["lr"] >= 0 and r["grad_norm"] > 0
-        assert r["tokens_per_s"] > 0 and r["elapsed_s"] >= 0 and r["remaining_s"] >= 0
+        # The default schedule: cosine from --learning_rate 1e-3 to 0 over 6 steps, no warmup.
+        cosine = 1e-3 * 0.5 * (1 + math.cos(math.pi * r["step"] / 6))
+        assert r["lr"] == pytest.approx(cosine, abs=1e-12) and r["grad_norm"] > 0
+        assert r["tokens_per_s"] > 0 and r["elapsed_s"] > 0
+        # The estimate: the mean time per step so far, times the steps left.
+        left = r["elapsed_s"] / r["step"] * (6 - r["step"])
+        assert r["remaining_s"] == pytest.approx(left, abs=0.02)
     assert records[-1]["remaining_s"] == 0
     # A random model on a 1005-token vocabulary starts near ln(1005) ~ 6.9.
     assert 4 < records[0]["loss"] < 10
@@ -230,4 +240,11 @@ def test_two_runs_with_different_precisions_in_one_process(
     sft(sft_args(tiny_model_dir, data_file, tmp_path / "a", *extra))
     args = sft_args(tiny_model_dir, data_file, tmp_path / "b", *extra)
     args.torch_dtype = "bfloat16"
-    assert (sft(args) / "checkpoint-1").is_dir()
+    run = sft(args)
+    from accelerate.state import AcceleratorState
+
+    # The second run computed under bf16 autocast, not the first run's fp32.
+    assert AcceleratorState().mixed_precision == "bf16"
+    state = json.loads((run / "checkpoint-1" / "trainer_state.json").read_text(encoding="utf-8"))
+    assert state["global_step"] == 1
+    assert math.isfinite(read_log(run)[0]["loss"])

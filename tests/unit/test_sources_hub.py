@@ -12,7 +12,8 @@ import pytest
 from tunesmith.cli import main, parse_args
 from tunesmith.config import SftArgs
 from tunesmith.data.prepare import load_conversations
-from tunesmith.data.sources import mix, parse_columns, parse_probs, split_val
+from tunesmith.data.sources import mix, split_val
+from tunesmith.options import data_options, parse_columns, parse_probs
 from tunesmith.utils import UserError
 
 ZH = "AI-ModelScope/alpaca-gpt4-data-zh"
@@ -50,18 +51,18 @@ def _args(argv: list[str]) -> SftArgs:
 
 def test_seed_mixed_command_with_local_stand_ins(mirror: Path) -> None:
     args = _args(["--dataset", f"{ZH}#50", f"{EN}#50", "swift/self-cognition#50", *SEED_FLAGS])
-    train, val, notes = load_conversations(args)
+    train, val, notes = load_conversations(data_options(args))
     sources = [c.tags["source"] for c in train]
     assert len(train) == 150 and not val and not notes
     assert sources.count(f"{ZH}#50") == sources.count(f"{EN}#50") == 50
     assert any("小黄" in c.messages[-1].content for c in train)
     # Identical runs select identical records.
-    again, _, _ = load_conversations(args)
+    again, _, _ = load_conversations(data_options(args))
     assert [c.as_dicts() for c in again] == [c.as_dicts() for c in train]
 
 
 def test_sample_larger_than_dataset_repeats_it(mirror: Path) -> None:
-    train, _, _ = load_conversations(_args(["--dataset", f"{EN}#100"]))
+    train, _, _ = load_conversations(data_options(_args(["--dataset", f"{EN}#100"])))
     texts = [c.messages[0].content for c in train]
     assert len(texts) == 100 and len(set(texts)) == 40
 
@@ -70,7 +71,7 @@ def test_dataset_probs_interleave_in_proportion(mirror: Path) -> None:
     args = _args(
         ["--dataset", ZH, "swift/self-cognition", *SEED_FLAGS, "--dataset_probs", "0.2:0.8"]
     )
-    train, _, _ = load_conversations(args)
+    train, _, _ = load_conversations(data_options(args))
     zh = sum(c.tags["source"] == ZH for c in train)
     # The mix stops when the first source runs out: here the 258-record self-cognition set.
     assert 0.1 < zh / len(train) < 0.3
@@ -87,9 +88,9 @@ def test_mix_validates_probabilities() -> None:
 
 def test_split_dataset_ratio_is_seeded(mirror: Path) -> None:
     args = _args(["--dataset", ZH, "--split_dataset_ratio", "0.1", "--seed", "7"])
-    train, val, _ = load_conversations(args)
+    train, val, _ = load_conversations(data_options(args))
     assert len(val) == 6 and len(train) == 54
-    _, val2, _ = load_conversations(args)
+    _, val2, _ = load_conversations(data_options(args))
     assert [c.as_dicts() for c in val2] == [c.as_dicts() for c in val]
     assert split_val(list(range(10)), 0.0, 0) == (list(range(10)), [])  # type: ignore[arg-type]
 
@@ -98,7 +99,7 @@ def test_columns_remap(tmp_path: Path) -> None:
     f = tmp_path / "qa.jsonl"
     _write_jsonl(f, [{"question": "q1", "answer": "a1"}])
     args = _args(["--dataset", str(f), "--columns", '{"question": "query", "answer": "response"}'])
-    train, _, _ = load_conversations(args)
+    train, _, _ = load_conversations(data_options(args))
     assert [m.content for m in train[0].messages] == ["q1", "a1"]
     assert parse_columns("question:query,answer:response") == {
         "question": "query",
@@ -123,17 +124,19 @@ def test_offline_hub_dataset_is_one_clear_sentence(
 def test_csv_and_parquet_sources(tmp_path: Path) -> None:
     csv_file = tmp_path / "d.csv"
     csv_file.write_text('instruction,input,output\n"hello, you",,"hi\nthere"\nq2,,a2\n', "utf-8")
-    train, _, _ = load_conversations(_args(["--dataset", str(csv_file)]))
+    train, _, _ = load_conversations(data_options(_args(["--dataset", str(csv_file)])))
     assert [c.origin for c in train] == [f"{csv_file}:2", f"{csv_file}:4"]
     assert train[0].messages[1].content == "hi\nthere"
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
 
     pq.write_table(pa.table({"query": ["q"], "response": ["r"]}), tmp_path / "d.parquet")
-    train, _, _ = load_conversations(_args(["--dataset", str(tmp_path / "d.parquet")]))
+    args = _args(["--dataset", str(tmp_path / "d.parquet")])
+    train, _, _ = load_conversations(data_options(args))
     assert train[0].origin.endswith("d.parquet:1")
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_seed_mixed_command_trains_end_to_end(mirror: Path, tiny_model_dir: Path) -> None:
     """The seed's mixed `swift sft` command, `swift` -> `tunesmith`, on the tiny model."""
     out = mirror.parent / "output"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import statistics
-import sys
 from typing import Any
 
 from tunesmith.data.collate import pack
-from tunesmith.data.prepare import Prepared, prepare
-from tunesmith.data.template import IGNORE, Sample
+from tunesmith.data.prepare import Prepared
+from tunesmith.data.template import Sample
+from tunesmith.options import TemplateOptions
+from tunesmith.utils import IGNORE
 
 BAR = 40
 
@@ -56,8 +57,16 @@ def render_sample(tokenizer: Any, sample: Sample, color: bool) -> str:
     return "".join(out)
 
 
-def summarize(args: Any, tokenizer: Any, data: Prepared) -> str:
-    """The report ``tunesmith data`` prints."""
+def summarize(
+    tokenizer: Any,
+    data: Prepared,
+    template: TemplateOptions,
+    *,
+    packing: bool,
+    preview: int,
+    color: bool,
+) -> str:
+    """The report ``tunesmith data`` prints: ``preview`` samples, ``color`` for a terminal."""
     train = data.train
     lengths = [len(s.input_ids) for s in train]
     total = sum(lengths)
@@ -72,33 +81,23 @@ def summarize(args: Any, tokenizer: Any, data: Prepared) -> str:
     )
     lines.append(
         f"token length: min {min(lengths)}, median {int(statistics.median(lengths))}, "
-        f"p95 {percentile(lengths, 0.95)}, max {max(lengths)} (--max_length {args.max_length})"
+        f"p95 {percentile(lengths, 0.95)}, max {max(lengths)} (--max_length {template.max_length})"
     )
     lines += histogram(lengths)
     st = data.stats
     lines.append(
         f"too long for --max_length: {st.deleted} deleted, {st.truncated} truncated "
-        f"({args.truncation_strategy}); {st.no_labels} dropped with nothing to learn"
+        f"({template.truncation}); {st.no_labels} dropped with nothing to learn"
     )
-    if args.packing:
-        packs = pack(train, args.max_length)
-        fill = total / (len(packs) * args.max_length)
+    if packing:
+        packs = pack(train, template.max_length)
+        fill = total / (len(packs) * template.max_length)
         lines.append(
-            f"packing: {len(train)} samples -> {len(packs)} sequences of <= {args.max_length} "
-            f"tokens ({fill:.0%} full)"
+            f"packing: {len(train)} samples -> {len(packs)} sequences of <= "
+            f"{template.max_length} tokens ({fill:.0%} full)"
         )
-    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     legend = "trained tokens in green" if color else "trained tokens [[in double brackets]]"
-    for s in train[: args.preview]:
+    for s in train[:preview]:
         lines.append(f"\n--- preview: {s.origin} ({legend}) ---")
         lines.append(render_sample(tokenizer, s, color))
     return "\n".join(lines)
-
-
-def data_command(args: Any) -> str:
-    """Validate and tokenize ``args.dataset`` with ``args.model``'s tokenizer; the report."""
-    from tunesmith.model.load import load_tokenizer, resolve_model
-
-    tokenizer = load_tokenizer(resolve_model(args.model or "demo", args.use_hf))
-    data = prepare(args, tokenizer)
-    return summarize(args, tokenizer, data)

@@ -8,7 +8,6 @@ Hub ids are looked up first in the local mirror ``$TUNESMITH_CACHE/datasets/org/
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -19,32 +18,11 @@ from tunesmith.data.formats import RecordError, RecordProblem, to_conversation
 from tunesmith.data.messages import Conversation, Message
 from tunesmith.data.readers import SUFFIXES, BadLine, read_records
 from tunesmith.data.self_cognition import parse_name_pair, self_cognition_records
+from tunesmith.options import DataOptions
 from tunesmith.utils import UserError, cache_dir
 
 BUILTIN_SELF_COGNITION = {"self-cognition", "swift/self-cognition", "self_cognition"}
 MAX_SHOWN = 20
-
-
-@dataclass
-class DataOptions:
-    """How raw records are read (from the data flags)."""
-
-    model_name: list[str] | None = None
-    """--model_name, for the self-cognition set."""
-    model_author: list[str] | None = None
-    """--model_author, for the self-cognition set."""
-    columns: dict[str, str] = field(default_factory=dict)
-    """--columns: raw field name -> the name tunesmith expects."""
-    fmt: str | None = None
-    """--dataset_format: force one record format instead of detecting it."""
-    strict: bool = True
-    """--strict: a bad record is an error (True) or skipped and counted (False)."""
-    use_hf: bool = True
-    """Load hub datasets from Hugging Face (False: ModelScope)."""
-    seed: int = 42
-    """Seed for ``#N`` samples, mixing and splitting."""
-    prompt_only: bool = False
-    """Inference data: a record's final assistant reply is optional (it is the reference)."""
 
 
 @dataclass
@@ -247,36 +225,6 @@ def split_val(
     k = max(1, round(len(records) * ratio))
     val = set(order[:k])
     return [r for i, r in enumerate(records) if i not in val], [records[i] for i in sorted(val)]
-
-
-def parse_columns(value: str | None) -> dict[str, str]:
-    """``--columns '{"question": "query"}'`` as a dict (also ``question:query,answer:response``)."""
-    if not value:
-        return {}
-    try:
-        mapping = json.loads(value)
-    except json.JSONDecodeError:
-        pairs = [p.split(":", 1) for p in value.split(",") if p.strip()]
-        if not all(len(p) == 2 for p in pairs):
-            raise UserError(
-                f'--columns {value!r}: expected JSON like \'{{"question": "query"}}\''
-            ) from None
-        mapping = {a.strip(): b.strip() for a, b in pairs}
-    if not isinstance(mapping, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
-    ):
-        raise UserError(f"--columns {value!r}: expected an object of column names")
-    return mapping
-
-
-def parse_probs(value: str | None) -> list[float] | None:
-    """``--dataset_probs '0.4:0.4:0.2'`` (also comma- or space-separated)."""
-    if not value:
-        return None
-    try:
-        return [float(x) for x in re.split(r"[:,\s]+", value.strip()) if x]
-    except ValueError:
-        raise UserError(f"--dataset_probs {value!r}: expected numbers like 0.4:0.4:0.2") from None
 
 
 def read_local(

@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunesmith.data.messages import Conversation
-from tunesmith.utils import UserError
-
-IGNORE = -100
+from tunesmith.utils import IGNORE, UserError
 
 
 @dataclass

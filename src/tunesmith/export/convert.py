@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import ExportArgs, InferCommandArgs, from_dict, to_dict
+from tunesmith.config import ExportArgs
+from tunesmith.options import model_options
 from tunesmith.utils import UserError
 
 
@@ -38,17 +39,19 @@ def load_for_export(args: ExportArgs) -> tuple[Any, Any, str | None, Path | None
     says otherwise: a LoRA delta is small beside the weights, and adding it in bf16 would round
     part of it away; the GGUF conversion then rounds once.
     """
-    from tunesmith.export.merge import merged
-    from tunesmith.infer.engine import check_adapter, load_engine
-    from tunesmith.model.load import load_model, load_tokenizer, resolve_model
+    import torch
+
+    from tunesmith.model.adapters import load_adapted, merged, resolve_base
+    from tunesmith.model.load import load_model, load_tokenizer, resolve_dtype, resolve_model
 
     if args.adapters:
-        ckpt = check_adapter(args.adapters[-1])
-        infer_args = from_dict(InferCommandArgs, to_dict(args))
-        if args.torch_dtype == "auto":
-            infer_args.torch_dtype = "float32"
-        engine = load_engine(infer_args)
-        return merged(engine.model), engine.tokenizer, engine.system, ckpt, ckpt.name
+        base = resolve_base(model_options(args), args.adapters, args.system)
+        ckpt = base.adapters[-1]
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = resolve_dtype("float32" if args.torch_dtype == "auto" else args.torch_dtype,
+                              device.type, compute=False)  # fmt: skip
+        model, tokenizer = load_adapted(base, dtype, device, args.attn_impl, quantized=False)
+        return merged(model), tokenizer, base.system, ckpt, ckpt.name
     if not args.model:
         raise UserError("tunesmith export --to: pass --model MODEL or --adapters CHECKPOINT")
     model_dir = resolve_model(args.model, args.use_hf)
@@ -64,10 +67,17 @@ def load_for_export(args: ExportArgs) -> tuple[Any, Any, str | None, Path | None
     check_architecture(AutoConfig.from_pretrained(model_dir))  # refuse before loading weights
     dtype: Any = "auto"  # the checkpoint's own dtype: converting once, to the GGUF type
     if args.torch_dtype != "auto":
-        from tunesmith.model.load import resolve_dtype
-
         dtype = resolve_dtype(args.torch_dtype, "cpu", compute=False)
     return load_model(model_dir, dtype), load_tokenizer(model_dir), args.system, source, name
+
+
+def export(args: ExportArgs) -> Path:
+    """``tunesmith export``: ``--to gguf|ollama``, else merge ``--adapters`` into their base."""
+    if args.to:
+        return export_to(args)
+    from tunesmith.export.merge import export_merged
+
+    return export_merged(args)
 
 
 def export_to(args: ExportArgs) -> Path:

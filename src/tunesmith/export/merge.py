@@ -1,40 +1,33 @@
-"""Merge LoRA adapters into their base and save a plain Hugging Face model directory."""
+"""``tunesmith export --adapters CKPT --merge_lora true``: a merged Hugging Face directory."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from tunesmith.utils import UserError, atomic_dir, logger
+import torch
 
-
-def merged_dir(adapter: Path, output_dir: str | None) -> Path:
-    """Where the merged model goes: ``--output_dir``, else ``<checkpoint>-merged`` beside it."""
-    return (
-        Path(output_dir).expanduser() if output_dir else adapter.with_name(adapter.name + "-merged")
-    )
-
-
-def merged(model: Any) -> Any:
-    """``model`` with its peft adapters folded into the weights; a plain model as it is."""
-    if hasattr(model, "merge_and_unload"):  # a PeftModel; a plain model has nothing to merge
-        return model.merge_and_unload()
-    return model
+from tunesmith.config import ExportArgs
+from tunesmith.export.hub import check_push_args, push_to_hub
+from tunesmith.model.adapters import load_adapted, merge_and_save, merged_dir, resolve_base
+from tunesmith.model.load import resolve_dtype
+from tunesmith.options import model_options
+from tunesmith.utils import UserError
 
 
-def merge_and_save(engine: Any, out: Path) -> Path:
-    """Fold the engine's adapters into its weights and save model, config and tokenizer.
-
-    The directory appears under its final name only when complete; what plain transformers
-    needs to load it and chat (config, generation config, safetensors shards, tokenizer with
-    chat template) is all inside.
-    """
-    model = engine.model = merged(engine.model)
-    try:
-        with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True, max_shard_size="4GB")
-            engine.tokenizer.save_pretrained(tmp)
-    except OSError as e:
-        raise UserError(f"could not write the merged model to {out} ({e.strerror or e})") from None
-    logger.info(f"merged model saved: {out}")
+def export_merged(args: ExportArgs) -> Path:
+    """Merge ``--adapters`` into their base, save ``CHECKPOINT-merged/`` (or --output_dir) and
+    upload it when asked; returns the directory."""
+    if not args.adapters or not args.merge_lora:
+        raise UserError(
+            "tunesmith export: pass --adapters CHECKPOINT --merge_lora true, or --to gguf|ollama"
+        )
+    token = check_push_args(args.hub_model_id, args.hub_token) if args.push_to_hub else None
+    base = resolve_base(model_options(args), args.adapters, args.system)
+    out = merged_dir(base.adapters[-1], args.output_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(args.torch_dtype, device.type)
+    model, tokenizer = load_adapted(base, dtype, device, args.attn_impl, quantized=False)
+    merge_and_save(model, tokenizer, out)
+    if token is not None:
+        push_to_hub(out, args.hub_model_id, token, args.hub_private_repo)
     return out

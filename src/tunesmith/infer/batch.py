@@ -19,8 +19,10 @@ from typing import Any
 
 from tunesmith.config import InferCommandArgs
 from tunesmith.data.messages import Conversation
-from tunesmith.data.sources import DataOptions, Loaded, load_spec, report_problems
-from tunesmith.infer.engine import Engine, check_adapter, generate_batch
+from tunesmith.data.sources import Loaded, load_spec, report_problems
+from tunesmith.infer.engine import Engine, generate_batch
+from tunesmith.model.adapters import check_adapter
+from tunesmith.options import DataOptions
 from tunesmith.utils import UserError, logger, write_jsonl
 
 

@@ -43,10 +43,10 @@ def infer(args: InferCommandArgs) -> None:
 def _pt_backend(args: InferCommandArgs) -> tuple[Any, Reply, ReplyMany]:
     engine = load_engine(args)
     if args.merge_lora and args.adapters:
-        from tunesmith.export.merge import merge_and_save, merged_dir
-        from tunesmith.infer.engine import check_adapter
+        from tunesmith.model.adapters import check_adapter, merge_and_save, merged_dir
 
-        merge_and_save(engine, merged_dir(check_adapter(args.adapters[-1]), None))
+        out = merged_dir(check_adapter(args.adapters[-1]), None)
+        engine.model = merge_and_save(engine.model, engine.tokenizer, out)
     gen = generation_kwargs(args, engine.tokenizer)
     torch.manual_seed(args.seed)
     return engine, lambda messages, out: generate(engine, messages, gen, out), None
@@ -54,20 +54,22 @@ def _pt_backend(args: InferCommandArgs) -> tuple[Any, Reply, ReplyMany]:
 
 def _vllm_backend(args: InferCommandArgs) -> tuple[Any, Reply, ReplyMany]:
     """vLLM with the adapter applied natively, or on the merged model with --merge_lora."""
-    from tunesmith.infer.engine import resolve_base
     from tunesmith.infer.vllm_backend import import_vllm, load_vllm_engine, vllm_generate
+    from tunesmith.model.adapters import resolve_base
     from tunesmith.model.load import load_tokenizer
+    from tunesmith.options import model_options
 
     import_vllm()  # say it is missing before minutes of merging
-    base = resolve_base(args)
+    base = resolve_base(model_options(args), args.adapters, args.system)
     model_dir, adapter = base.model_dir, (base.adapters[-1] if base.adapters else None)
     if len(base.adapters) > 1 or (adapter is not None and args.merge_lora):
         # vLLM applies one adapter per request: fold them into the base first (the seeds'
         # `--merge_lora true --infer_backend vllm`), then free the GPU for vLLM.
-        from tunesmith.export.merge import merge_and_save, merged_dir
+        from tunesmith.model.adapters import merge_and_save, merged_dir
 
         pt = load_engine(args)
-        model_dir = merge_and_save(pt, merged_dir(base.adapters[-1], None))
+        model_dir = merged_dir(base.adapters[-1], None)
+        merge_and_save(pt.model, pt.tokenizer, model_dir)
         del pt
         torch.cuda.empty_cache()
         adapter = None

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
 from tunesmith.config import InferCommandArgs
 from tunesmith.infer.decode import CACHE_BUCKET
-from tunesmith.model.load import (
-    check_model_type,
-    has_tokenizer,
-    load_model,
-    load_tokenizer,
-    resolve_dtype,
-    resolve_model,
-)
-from tunesmith.model.quant import recorded_bnb_config
-from tunesmith.train.checkpoint import list_checkpoints
-from tunesmith.utils import UserError, error_line, logger
+from tunesmith.model.adapters import load_adapted, resolve_base
+from tunesmith.model.load import resolve_dtype
+from tunesmith.options import model_options
+from tunesmith.utils import logger
 
 
 @dataclass
@@ -40,100 +31,13 @@ class Engine:
     """Decode with a static KV cache (and, on CUDA, a torch.compile'd decode step)."""
 
 
-def run_args(adapter: Path) -> dict[str, Any]:
-    """The ``args.json`` of the run an adapter checkpoint belongs to ({} if there is none)."""
-    for candidate in (adapter / "args.json", adapter.parent / "args.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text(encoding="utf-8"))
-    return {}
-
-
-def check_adapter(path: str) -> Path:
-    """A directory holding a peft adapter, or a UserError naming what is missing."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"--adapters {path}: no such directory")
-    best = p / "best_checkpoint.json"
-    if best.is_file():  # a run trained with --load_best_model_at_end
-        p = Path(json.loads(best.read_text(encoding="utf-8"))["best_model_checkpoint"])
-    if not (p / "adapter_config.json").is_file():
-        ckpts = [c for c in list_checkpoints(p) if (c / "adapter_config.json").is_file()]
-        hint = f" (did you mean {ckpts[-1]}?)" if ckpts else ""
-        raise UserError(
-            f"--adapters {path}: no adapter_config.json there, so it is not a LoRA checkpoint "
-            f"directory like output/v0-…/checkpoint-30{hint}"
-        )
-    if not any((p / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise UserError(
-            f"--adapters {path}: the adapter weights (adapter_model.safetensors) are missing"
-        )
-    return p
-
-
-@dataclass
-class Base:
-    """What ``infer`` runs: the base model, the adapters on it, and the run they came from."""
-
-    name: str
-    """The model as the user knows it (``--model``, or the run's)."""
-    model_dir: Path
-    """The local Hugging Face directory it resolved to."""
-    adapters: list[Path]
-    """Checked adapter checkpoints, applied in order."""
-    recorded: dict[str, Any]
-    """The ``args.json`` of the first adapter's run ({} without adapters)."""
-    system: str | None
-    """``--system``, else the run's system prompt."""
-    tokenizer_dir: Path
-    """Where the tokenizer comes from: the last checkpoint when it carries one."""
-
-
-def resolve_base(args: InferCommandArgs) -> Base:
-    """Find the base model of ``--model`` / ``--adapters`` (no weights are loaded)."""
-    adapters = [check_adapter(a) for a in args.adapters]
-    recorded = run_args(adapters[0]) if adapters else {}
-    name = args.model or recorded.get("model")
-    resolved = recorded.get("model_dir")
-    # The run recorded where its base model resolved to; a relative --model or a hub id may
-    # not resolve the same way from another folder.
-    if args.model is None and resolved and Path(resolved, "config.json").is_file():
-        name = resolved
-    if name is None and adapters:
-        cfg = json.loads((adapters[0] / "adapter_config.json").read_text(encoding="utf-8"))
-        name = cfg.get("base_model_name_or_path")
-    name = name or "demo"
-    system = args.system if args.system is not None else recorded.get("system")
-    model_dir = resolve_model(name, args.use_hf)
-    check_model_type(model_dir, args.model_type, args.template)
-    # sft checkpoints carry the tokenizer they were trained with; a bare peft adapter does not.
-    tok_dir = adapters[-1] if adapters and has_tokenizer(adapters[-1]) else model_dir
-    shown = args.model or recorded.get("model") or name
-    return Base(shown, model_dir, adapters, recorded, system, tok_dir)
-
-
 def load_engine(args: InferCommandArgs) -> Engine:
     """Load the model for ``infer``: ``--model``, or the base recorded with ``--adapters``."""
-    from peft import PeftModel
-
-    base = resolve_base(args)
-    adapters, recorded, name, model_dir = base.adapters, base.recorded, base.name, base.model_dir
+    base = resolve_base(model_options(args), args.adapters, args.system)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.torch_dtype, device.type)
-    tokenizer = load_tokenizer(base.tokenizer_dir)
     # A QLoRA adapter meets its base quantized as in training; a merge needs full precision.
-    bnb = None if args.merge_lora else recorded_bnb_config(recorded, dtype, device.type)
-    model = load_model(model_dir, dtype, args.attn_impl, device=device, quantization_config=bnb)
-    for i, adapter in enumerate(adapters):
-        try:
-            model = PeftModel.from_pretrained(model, adapter)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(
-                f"--adapters {adapter}: does not fit the base model {name} ({error_line(e)})"
-            ) from None
-        if i < len(adapters) - 1:
-            model = model.merge_and_unload()  # apply adapters in order
-    model.eval()
-    logger.info(f"loaded {name}" + (f" + {', '.join(map(str, adapters))}" if adapters else ""))
+    model, tokenizer = load_adapted(base, dtype, device, args.attn_impl, not args.merge_lora)
     fast = args.fast_decode if args.fast_decode is not None else device.type == "cuda"
     if fast:
         how = "torch.compile'd decode step" if device.type == "cuda" else "no compile on CPU"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunesmith.config import InferCommandArgs
 from tunesmith.utils import UserError, logger
 
 INSTALL_HINT = "pip install 'tunesmith[vllm]' (on a Linux host with a CUDA GPU)"
@@ -85,7 +86,7 @@ def generation_defaults(model_dir: Path) -> dict[str, Any]:
     return out
 
 
-def sampling_kwargs(args: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+def sampling_kwargs(args: InferCommandArgs, defaults: dict[str, Any]) -> dict[str, Any]:
     """``vllm.SamplingParams`` arguments: the model's defaults under the user's flags.
 
     Matches the ``pt`` backend: an unset flag keeps the generation config's value, and
@@ -104,7 +105,11 @@ def sampling_kwargs(args: Any, defaults: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_vllm_engine(
-    args: Any, model_dir: Path, tokenizer: Any, adapter: Path | None, system: str | None
+    args: InferCommandArgs,
+    model_dir: Path,
+    tokenizer: Any,
+    adapter: Path | None,
+    system: str | None,
 ) -> VllmEngine:
     """Start vLLM on ``model_dir`` with ``adapter`` applied natively (none: the bare model)."""
     import torch
@@ -138,7 +143,7 @@ def load_vllm_engine(
 
 
 def vllm_generate(
-    engine: VllmEngine, conversations: list[list[dict[str, str]]], args: Any
+    engine: VllmEngine, conversations: list[list[dict[str, str]]], args: InferCommandArgs
 ) -> list[str]:
     """Answer many conversations at once (vLLM batches them continuously); order is kept."""
     from vllm import SamplingParams

@@ -15,9 +15,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunesmith.utils import UserError, atomic_dir, cache_dir, error_line, logger
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -223,7 +227,7 @@ def check_model_type(model_dir: Path, model_type: str | None, template: str | No
             logger.info(f"{flag} {value}: matches the model ('{actual}')")
 
 
-def resolve_dtype(name: str, device_type: str, compute: bool = True) -> Any:
+def resolve_dtype(name: str, device_type: str, compute: bool = True) -> torch.dtype:
     """``--torch_dtype`` to a torch dtype; ``auto`` picks bf16 where the hardware has it.
 
     On CPU, bf16 is only fast with native bf16 matmul (AVX512-BF16 / AMX): 2.3x faster than
@@ -281,7 +285,7 @@ def has_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
-def load_tokenizer(path: Path) -> Any:
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """Load the tokenizer (with its chat template) of a local model directory."""
     from transformers import AutoTokenizer
 
@@ -305,11 +309,11 @@ def load_tokenizer(path: Path) -> Any:
 
 def load_model(
     path: Path,
-    dtype: Any,
+    dtype: torch.dtype | str,
     attn_impl: str = "sdpa",
-    device: Any = None,
-    quantization_config: Any = None,
-) -> Any:
+    device: torch.device | None = None,
+    quantization_config: BitsAndBytesConfig | None = None,
+) -> PreTrainedModel:
     """Load a causal LM from a local directory in ``dtype`` (on ``device`` when given).
 
     ``quantization_config`` (a ``BitsAndBytesConfig``, see ``model/quant.py``) quantizes the

@@ -9,30 +9,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.data.template import IGNORE
+from tunesmith.options import LoraOptions
+from tunesmith.utils import IGNORE
 
 # Above this many trained tokens per micro-batch the logits are computed in chunks with
 # recomputation, so a long GPU batch never holds an (n_tokens x vocab) fp32 matrix.
 LOGIT_CHUNK = 4096
 
 
-def lora_config(
-    *,
-    rank: int,
-    alpha: int,
-    dropout: float,
-    target_modules: list[str],
-    modules_to_save: list[str],
-    use_rslora: bool,
-    use_dora: bool,
-) -> Any:
-    """A peft ``LoraConfig`` from ms-swift style flags.
+def lora_config(opts: LoraOptions) -> Any:
+    """A peft ``LoraConfig`` from the LoRA options.
 
     ``target_modules`` is ``all-linear``, a list of module names, or one regular expression
     (peft matches a single string as a full-name regex).
     """
     from peft import LoraConfig
 
+    target_modules = list(opts.target_modules)
     targets: str | list[str]
     if target_modules == ["all-linear"] or target_modules == []:
         targets = "all-linear"
@@ -41,13 +34,13 @@ def lora_config(
     else:
         targets = list(target_modules)
     return LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
+        r=opts.rank,
+        lora_alpha=opts.alpha,
+        lora_dropout=opts.dropout,
         target_modules=targets,
-        modules_to_save=modules_to_save or None,
-        use_rslora=use_rslora,
-        use_dora=use_dora,
+        modules_to_save=list(opts.modules_to_save) or None,
+        use_rslora=opts.use_rslora,
+        use_dora=opts.use_dora,
         task_type="CAUSAL_LM",
     )
 

@@ -16,32 +16,35 @@ of QLoRA weights.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from tunesmith.options import QuantOptions
 from tunesmith.utils import UserError, logger
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import BitsAndBytesConfig
 
 BITS = (4, 8)
 INSTALL = "pip install 'tunesmith[qlora]'"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def check_quantization(args: Any) -> None:
+def check_quantization(quant: QuantOptions, full: bool) -> None:
     """Refuse a ``--quantization_bit`` this run cannot honour, in one sentence.
 
-    Called before data, model or output directory are touched. ``args`` is an ``SftArgs``.
+    Called before data, model or output directory are touched; ``full``: --train_type full.
     """
     import torch
 
-    bits = args.quantization_bit
+    bits = quant.bits
     if bits == 0:
-        if (args.bnb_4bit_quant_type, args.bnb_4bit_use_double_quant) != ("nf4", True) or (
-            args.bnb_4bit_compute_dtype is not None
-        ):
+        if quant != QuantOptions():
             logger.info("note: the --bnb_4bit_* flags apply with --quantization_bit 4 only")
         return
     if bits not in BITS:
         raise UserError(f"--quantization_bit must be 4 or 8 (0: no quantization), got {bits}")
-    if args.train_type == "full":
+    if full:
         raise UserError(
             f"--quantization_bit {bits} trains a LoRA adapter on a frozen quantized base, so it "
             "cannot be combined with --train_type full: drop one of the two"
@@ -62,7 +65,7 @@ def require_bitsandbytes(what: str) -> None:
         raise UserError(f"{what} needs bitsandbytes, which is not installed: {INSTALL}") from None
 
 
-def check_lora_dtype(lora_dtype: str, compute_dtype: Any, full: bool) -> None:
+def check_lora_dtype(lora_dtype: str, compute_dtype: torch.dtype, full: bool) -> None:
     """Refuse ``--lora_dtype`` combinations that cannot train."""
     import torch
 
@@ -78,7 +81,9 @@ def check_lora_dtype(lora_dtype: str, compute_dtype: Any, full: bool) -> None:
         )
 
 
-def bnb_config(bits: int, quant_type: str, double_quant: bool, compute_dtype: Any) -> Any:
+def bnb_config(
+    bits: int, quant_type: str, double_quant: bool, compute_dtype: torch.dtype
+) -> BitsAndBytesConfig:
     """The transformers ``BitsAndBytesConfig`` for ``--quantization_bit`` and the bnb flags.
 
     ``compute_dtype`` is the dtype 4-bit weights are dequantized to for each matmul; 8-bit
@@ -96,27 +101,32 @@ def bnb_config(bits: int, quant_type: str, double_quant: bool, compute_dtype: An
     )
 
 
-def bnb_config_from(values: dict[str, Any], dtype: Any) -> Any:
-    """``bnb_config`` from resolved sft arguments (``to_dict(args)`` or an ``args.json``).
+def bnb_config_from(quant: QuantOptions, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """``bnb_config`` for ``quant``; None without quantization.
 
-    None without quantization. The compute dtype defaults to the run's ``--torch_dtype``,
-    resolved: ``dtype``.
+    The compute dtype defaults to the run's ``--torch_dtype``, resolved: ``dtype``.
     """
     import torch
 
-    bits = values.get("quantization_bit") or 0
-    if not bits:
+    if not quant.bits:
         return None
-    compute = values.get("bnb_4bit_compute_dtype")
-    return bnb_config(
-        bits,
-        values.get("bnb_4bit_quant_type") or "nf4",
-        bool(values.get("bnb_4bit_use_double_quant", True)),
-        getattr(torch, compute) if compute else dtype,
+    compute = getattr(torch, quant.compute_dtype) if quant.compute_dtype else dtype
+    return bnb_config(quant.bits, quant.quant_type, quant.double_quant, compute)
+
+
+def recorded_quant(recorded: dict[str, Any]) -> QuantOptions:
+    """The quantization a run trained with, from its ``args.json`` (older runs may lack keys)."""
+    return QuantOptions(
+        bits=recorded.get("quantization_bit") or 0,
+        quant_type=recorded.get("bnb_4bit_quant_type") or "nf4",
+        double_quant=bool(recorded.get("bnb_4bit_use_double_quant", True)),
+        compute_dtype=recorded.get("bnb_4bit_compute_dtype"),
     )
 
 
-def recorded_bnb_config(recorded: dict[str, Any], dtype: Any, device_type: str) -> Any:
+def recorded_bnb_config(
+    recorded: dict[str, Any], dtype: torch.dtype, device_type: str
+) -> BitsAndBytesConfig | None:
     """For ``infer --adapters``: load the base quantized as the run trained it, where possible.
 
     Returns None (full-precision base) for unquantized runs, and, with a note, where this
@@ -135,10 +145,10 @@ def recorded_bnb_config(recorded: dict[str, Any], dtype: Any, device_type: str) 
             f"bitsandbytes ({e}); loading the base unquantized instead"
         )
         return None
-    return bnb_config_from(recorded, dtype)
+    return bnb_config_from(recorded_quant(recorded), dtype)
 
 
-def set_lora_dtype(model: Any, lora_dtype: str) -> None:
+def set_lora_dtype(model: torch.nn.Module, lora_dtype: str) -> None:
     """Cast the LoRA weights (A, B, DoRA magnitudes) to ``lora_dtype``; the optimizer follows.
 
     peft creates them in fp32; ``modules_to_save`` copies keep the base's dtype.
@@ -151,7 +161,7 @@ def set_lora_dtype(model: Any, lora_dtype: str) -> None:
             p.data = p.data.to(dtype)
 
 
-def param_counts(model: Any) -> tuple[int, int]:
+def param_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; a packed 4-bit tensor holds two weights per byte."""
     trainable = total = 0
     for p in model.parameters():

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunesmith.model.adapters import list_checkpoints
 from tunesmith.utils import UserError, atomic_dir, fsync_dir, logger, write_json
 
-CKPT = re.compile(r"^checkpoint-(\d+)$")
 RUN = re.compile(r"^v(\d+)-\d{8}-\d{6}$")
 
 
@@ -30,12 +30,6 @@ def new_run_dir(output_dir: Path, add_version: bool = True) -> Path:
     versions = [int(m.group(1)) for p in output_dir.glob("v*") if (m := RUN.match(p.name))]
     n = max(versions, default=-1) + 1
     return output_dir / f"v{n}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest step first."""
-    found = [(int(m.group(1)), p) for p in Path(run_dir).iterdir() if (m := CKPT.match(p.name))]
-    return [p for _, p in sorted(found)]
 
 
 def save_checkpoint(

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
+from tunesmith.options import OptimOptions
 
-def adamw(params: list[torch.nn.Parameter], args: Any, fused: bool) -> torch.optim.AdamW:
+
+def adamw(params: list[torch.nn.Parameter], opts: OptimOptions, fused: bool) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on biases and norms)."""
     return torch.optim.AdamW(
         [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": opts.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ],
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
+        lr=opts.learning_rate,
+        betas=opts.betas,
         fused=fused,
     )
 
