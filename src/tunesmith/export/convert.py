@@ -49,7 +49,7 @@ def load_for_export(args: ExportArgs) -> tuple[Any, Any, str | None, Path | None
         ckpt = base.adapters[-1]
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = resolve_dtype("float32" if args.torch_dtype == "auto" else args.torch_dtype,
-                              device.type)  # fmt: skip
+                              device.type, compute=False)  # fmt: skip
         model, tokenizer = load_adapted(base, dtype, device, args.attn_impl, quantized=False)
         return merged(model), tokenizer, base.system, ckpt, ckpt.name
     if not args.model:
@@ -67,7 +67,7 @@ def load_for_export(args: ExportArgs) -> tuple[Any, Any, str | None, Path | None
     check_architecture(AutoConfig.from_pretrained(model_dir))  # refuse before loading weights
     dtype: Any = "auto"  # the checkpoint's own dtype: converting once, to the GGUF type
     if args.torch_dtype != "auto":
-        dtype = resolve_dtype(args.torch_dtype, "cpu")
+        dtype = resolve_dtype(args.torch_dtype, "cpu", compute=False)
     return load_model(model_dir, dtype), load_tokenizer(model_dir), args.system, source, name
 
 

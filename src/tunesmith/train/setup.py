@@ -26,6 +26,7 @@ from tunesmith.model.load import (
     resolve_model,
 )
 from tunesmith.model.lora import CausalLMLoss, hf_model, keep_activation_dtype, lora_config
+from tunesmith.model.lora_dropout import share_lora_dropout
 from tunesmith.options import (
     DataOptions,
     LoraOptions,
@@ -187,6 +188,7 @@ def build_model(
     if not plan.full:
         model = get_peft_model(model, lora_config(plan.lora))
         quant.set_lora_dtype(model, plan.lora.dtype)
+        share_lora_dropout(model)  # one mask per input, a quarter of the RNG calls
         if resume is not None:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
