@@ -343,3 +343,24 @@ def test_failed_eval_keeps_the_old_report(checkpoint, tmp_path, capsys, monkeypa
     assert _eval(checkpoint, out, "--eval_dataset", "retention", "--eval_limit", "1") == 2
     assert (out / "report.md").read_text(encoding="utf-8") == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temporary left
+
+
+def test_infer_result_lines_train_as_they_are() -> None:
+    """A batch-inference result line (messages + response) is a training record: the demo's
+    recipe trains on the base model's own answers to the builtin general prompts."""
+    from tunesmith.data.formats import to_conversation
+
+    line = {"messages": [{"role": "user", "content": "2+2?"}], "response": "4", "labels": "4"}
+    conv = to_conversation(line, "r.jsonl:1")
+    assert [(m.role, m.content) for m in conv.messages] == [("user", "2+2?"), ("assistant", "4")]
+
+
+def test_general_prompts_are_disjoint_from_the_eval_sets() -> None:
+    """The demo trains on the base model's answers to these: none may be an eval question."""
+    from importlib import resources
+
+    text = resources.files("tunesmith.data.builtin").joinpath("general_prompts.jsonl")
+    prompts = [json.loads(x)["query"] for x in text.read_text("utf-8").splitlines() if x]
+    assert len(prompts) >= 40
+    held_out = {_norm(it.messages[-1]["content"]) for it in retention_set() + identity_items()}
+    assert not [p for p in prompts if _norm(p) in held_out]

@@ -28,7 +28,7 @@ from tunesmith.utils import UserError
 
 BUILTIN = ("identity", "retention")
 PREFIXES = ("general_qa", "general_mcq")
-IDENTITY_MAX_NEW_TOKENS = 64  # the name comes in the first sentence; no need for more
+IDENTITY_MAX_NEW_TOKENS = 32  # the name (or the base identity) comes in the first sentence
 LETTERS = "ABCDEFGHIJ"
 
 

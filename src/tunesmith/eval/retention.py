@@ -33,7 +33,7 @@ from tunesmith.eval.metrics import rouge, sentence_bleu
 
 EXACT_KINDS = ("number", "text", "json", "code")
 KINDS = (*EXACT_KINDS, "open")
-MAX_NEW_TOKENS = {"number": 48, "text": 48, "json": 64, "code": 128, "open": 80}
+MAX_NEW_TOKENS = {"number": 32, "text": 32, "json": 48, "code": 80, "open": 48}
 """Answer length per kind: enough for a correct answer, so the eval stays fast on a CPU."""
 CODE_TIMEOUT_S = 5.0
 
