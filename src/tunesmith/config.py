@@ -366,7 +366,7 @@ class EvalArgs(TemplateArgs, ModelArgs):
         None, "where the report goes (default: RUN/eval with --adapters, else eval_output/TIME)"
     )
     max_batch_size: int | None = arg(
-        None, "answers generated together, left-padded; none: 16 on GPU, 8 on CPU"
+        None, "answers generated together, left-padded; none: 16 (short answers pad little)"
     )
     max_new_tokens: int = arg(
         256, "answer length for your datasets (the builtin sets use shorter ones of their own)"
