@@ -64,7 +64,8 @@ def markdown(meta: dict[str, Any], labels: list[str], items: list[Item],
              f"- identity: {', '.join(meta['identity']) or '(none)'}; base identity: "
              f"{', '.join(meta['base_identity'])}",
              f"- greedy answers on {meta['device']} ({meta['dtype']}); eval wall time "
-             f"{meta['wall_s']} s, load average {meta['load_avg_1m']}, {meta['date']}",
+             f"{meta['wall_s']} s, load average {meta['load_avg_1m']}, {meta['date']}"
+             + ("" if meta.get("generated", True) else " (every answer from the cache)"),
              "", "## Summary (scores 0–100)", "", summary_table(rows), ""]  # fmt: skip
     if drift is not None:
         lines += ["## How far tuning moved the answers", "",
@@ -101,10 +102,10 @@ def _bars(path: Path, title: str, groups: list[str], series: dict[str, list[floa
         bars = ax.bar(xs, values, width, label=label)
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylim(0, 110)
+    ax.set_ylim(0, 125)  # room for the legend above the tallest bars
     ax.set_ylabel("score (0-100)")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
