@@ -269,12 +269,13 @@ def test_eval_report_and_cache(checkpoint, qa_file, tmp_path, capsys, monkeypatc
 
 def test_eval_plain_model(tiny_model_dir, tmp_path, capsys) -> None:
     out = tmp_path / "plain"
-    argv = ["eval", "--model", str(tiny_model_dir), "--eval_dataset", "retention",
-            "--eval_limit", "2", "--eval_output_dir", str(out),
-            "--eval_speed", "false"]  # fmt: skip
+    # Without --model_name the default datasets leave the identity probes out.
+    argv = ["eval", "--model", str(tiny_model_dir), "--eval_limit", "2",
+            "--eval_output_dir", str(out), "--eval_speed", "false"]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text("utf-8"))
     assert {r["model"] for r in report["summary"]} == {str(tiny_model_dir)}
+    assert {r["dataset"] for r in report["summary"]} == {"retention"}
     assert report["moved"] is None
 
 

@@ -44,6 +44,7 @@ from tunesmith.utils import UserError, logger
 # Eval answers are short and their prompts alike in length, so a batch wastes little on
 # padding or on waiting for its longest answer: 16 on CPU too (infer's default there is 8).
 EVAL_BATCH = 16
+DEFAULT_DATASETS = EvalArgs().eval_dataset
 SPEED_TOKENS = 24  # decode steps timed per model: enough for a stable mean, seconds on a CPU
 
 
@@ -206,12 +207,17 @@ def plan(args: EvalArgs) -> Plan:
     infer_args = from_dict(InferCommandArgs, to_dict(args) | {"adapters": adapters})
     base = resolve_base(infer_args)
     names = identity_names(args, base.recorded)
-    if "identity" in args.eval_dataset and not names:
-        raise UserError(
-            "the identity probes need the model's name: pass --model_name (and --model_author), "
-            "or leave identity out (--eval_dataset retention …)"
-        )
-    items = load_items(list(args.eval_dataset), args.eval_limit, args.use_hf)
+    datasets = list(args.eval_dataset)
+    if "identity" in datasets and not names:
+        if datasets != DEFAULT_DATASETS:
+            raise UserError(
+                "the identity probes need the model's name: pass --model_name (and "
+                "--model_author), or leave identity out (--eval_dataset retention …)"
+            )
+        # A plain model (or a run without a new identity): nothing to check the answers against.
+        logger.info("no --model_name: the identity probes are left out")
+        datasets.remove("identity")
+    items = load_items(datasets, args.eval_limit, args.use_hf)
     out = output_dir(args, ckpt)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = str(resolve_dtype(args.torch_dtype, device)).removeprefix("torch.")
