@@ -20,6 +20,7 @@ from typing import Any
 
 from tunesmith.config import (
     DataCommandArgs,
+    EvalArgs,
     ExportArgs,
     InferCommandArgs,
     SftArgs,
@@ -262,7 +263,22 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"sft": cmd_sft, "infer": cmd_infer, "data": cmd_data, "export": cmd_export}
+def cmd_eval(argv: list[str]) -> int:
+    """``tunesmith eval``: base vs tuned model on identity, retention and your data."""
+    args = parse_args(EvalArgs, "tunesmith eval", "Score a model before and after tuning.", argv)
+    from tunesmith.eval.run import evaluate
+
+    evaluate(args)
+    return 0
+
+
+COMMANDS = {
+    "sft": cmd_sft,
+    "infer": cmd_infer,
+    "data": cmd_data,
+    "export": cmd_export,
+    "eval": cmd_eval,
+}
 
 USAGE = """usage: tunesmith COMMAND [flags]
 
@@ -274,6 +290,8 @@ commands:
            tunesmith sft --model demo --dataset self-cognition --model_name 小智 --model_author 星河
   infer    chat with a model or a checkpoint
            tunesmith infer --adapters output/v0-.../checkpoint-30
+  eval     score base vs tuned model: identity, retention, your data; report + table
+           tunesmith eval --adapters output/v0-...
   data     check a dataset: statistics and a preview of what is trained
            tunesmith data --dataset my.jsonl --model demo
   export   merge LoRA adapters into a standalone model, or write GGUF / Ollama

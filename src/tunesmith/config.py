@@ -351,3 +351,52 @@ def from_dict(cls: type, values: dict[str, Any]) -> Any:
     """Rebuild ``cls`` from a dict, ignoring keys it does not have (e.g. an sft args.json)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass
+class EvalArgs(TemplateArgs, ModelArgs):
+    """Everything ``tunesmith eval`` takes."""
+
+    adapters: list[str] = arg(
+        [],
+        "the tuned model: a LoRA checkpoint, or a run directory (its best checkpoint, else its "
+        "last); base model, system prompt, name and author come from the run's args.json",
+    )
+    eval_dataset: list[str] = arg(
+        ["identity", "retention"],
+        "what to score: identity (held-out identity probes), retention (builtin general set), "
+        "data files in any training format (the last assistant turn is the reference), "
+        "general_qa:FILE (jsonl query/response), general_mcq:FILE (CSV id,question,A,B,C,D,"
+        "answer)",
+    )
+    eval_limit: int | None = arg(None, "score only the first N items of each dataset")
+    eval_output_dir: str | None = arg(
+        None, "where the report goes (default: RUN/eval with --adapters, else eval_output/TIME)"
+    )
+    max_batch_size: int | None = arg(
+        None, "answers generated together, left-padded; none: 16 (short answers pad little)"
+    )
+    max_new_tokens: int = arg(
+        256, "answer length for your datasets (the builtin sets use shorter ones of their own)"
+    )
+    model_name: list[str] | None = arg(
+        None, "the name identity answers must give (default: the run's --model_name)"
+    )
+    model_author: list[str] | None = arg(
+        None, "the author identity answers may give instead (default: the run's --model_author)"
+    )
+    base_identity: list[str] = arg(
+        ["Qwen", "通义千问", "通义", "千问", "Tongyi", "阿里云", "阿里巴巴", "阿里", "Alibaba"],
+        "names an identity answer must not claim (the base model's own)",
+    )
+    metrics: list[str] = arg(
+        ["bleu", "rouge", "exact_match"],
+        "metrics of datasets with reference answers: bleu (BLEU-4), rouge (ROUGE-1/2/L), "
+        "exact_match; multiple choice is scored by accuracy",
+    )
+    eval_use_cache: bool = arg(
+        True, "reuse answers cached per model + item ($TUNESMITH_CACHE/eval); false: regenerate"
+    )
+    eval_speed: bool = arg(
+        True, "measure time to first token and per-token decode time of each model"
+    )

@@ -129,3 +129,19 @@ def test_batch_inference_answers_equal_one_by_one(demo_dir: Path, tmp_path: Path
         answers[batch] = [r["response"] for r in rows]
     assert all(a.strip() for a in answers["1"])
     assert answers["4"] == answers["1"]
+
+
+def test_eval_before_and_after(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """``tunesmith eval`` on the demo run: a few probes and retention items, base vs tuned."""
+    out = tmp_path / "eval"
+    argv = ["eval", "--adapters", str(checkpoint.parent), "--eval_limit", "4",
+            "--eval_output_dir", str(out), "--eval_speed", "false"]  # fmt: skip
+    assert main(argv) == 0
+    assert "| Model" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    acc = {(r["model"], r["subset"]): r["score"] for r in report["summary"]
+           if r["dataset"] == "identity"}  # fmt: skip
+    base, tuned = "demo", f"{checkpoint.parent.name}/{checkpoint.name}"
+    assert acc[(base, "zh")] == 0 and acc[(base, "en")] == 0  # the base model is Qwen
+    assert acc[(tuned, "zh")] >= 50 and acc[(tuned, "en")] >= 50
+    assert report["meta"]["identity"] == [NAME, EN_NAME, "星河", "Xinghe"]

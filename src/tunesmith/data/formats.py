@@ -156,8 +156,13 @@ def _turns(
 
 
 def from_messages(record: dict[str, Any], prompt_only: bool = False) -> list[Message]:
-    """OpenAI chat format: ``messages`` = [{"role", "content"}, …]."""
-    return _turns(record, "messages", "role", "content", {r: r for r in ROLES})
+    """OpenAI chat format: ``messages`` = [{"role", "content"}, …]. A ``response`` after
+    messages that end with the user's turn is the reply: that is the shape of a batch
+    inference result line, so the base model's own answers can be trained on as they are."""
+    turns = _turns(record, "messages", "role", "content", {r: r for r in ROLES})
+    if turns[-1].role == "user" and record.get("response") is not None:
+        turns += _reply(record, "response", prompt_only)
+    return turns
 
 
 def from_sharegpt(record: dict[str, Any], prompt_only: bool = False) -> list[Message]:
