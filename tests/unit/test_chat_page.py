@@ -42,7 +42,9 @@ def open_browser(size: str = "1200,800"):
     return webdriver.Chrome(service=Service(executable_path=driver), options=opts)
 
 
-def chat_in_page(url: str, message: str, shot: Path, key: str | None = None) -> str:
+def chat_in_page(
+    url: str, message: str, shot: Path, key: str | None = None, temperature: str | None = None
+) -> str:
     """Load the page, send ``message``, wait for the streamed answer; the answer's text."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -53,8 +55,18 @@ def chat_in_page(url: str, message: str, shot: Path, key: str | None = None) -> 
         drv.get(url + "/")
         wait = WebDriverWait(drv, 120)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
-        if key:
+        if key:  # the page lists the models again once a key is entered
             drv.find_element(By.ID, "apikey").send_keys(key)
+            drv.execute_script(
+                "document.getElementById('apikey').dispatchEvent(new Event('change'))"
+            )
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+        if temperature is not None:
+            drv.execute_script(
+                "const t = document.getElementById('temperature'); t.value = arguments[0];"
+                "t.dispatchEvent(new Event('input'));",
+                temperature,
+            )
         drv.find_element(By.ID, "input").send_keys(message)
         drv.find_element(By.ID, "send").click()
         # The answer grows while it streams: partial texts are seen before it is done.
