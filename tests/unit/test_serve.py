@@ -225,6 +225,25 @@ def test_disconnect_frees_the_slot(server) -> None:
     assert server.server.scheduler.generated - before < 64  # stopped before the end
 
 
+def test_disconnect_without_stream_frees_the_slot(server) -> None:
+    import http.client
+
+    body = json.dumps({"model": "tiny", "messages": HI, "max_tokens": 3000, "temperature": 0})
+    before = server.server.scheduler.generated
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=10)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
+    deadline = time.monotonic() + 10
+    while server.server.scheduler.running() == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    conn.close()  # the client gives up without reading the answer
+    deadline = time.monotonic() + 20
+    while server.server.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.server.in_flight == 0 and server.server.scheduler.running() == 0
+    assert server.server.scheduler.generated - before < 3000
+
+
 def test_full_queue_is_429_and_timeout_is_504(isolated_torch, tiny_model_dir: Path) -> None:
     r = start(tiny_model_dir, "--max_concurrent", "1", "--max_queue", "0",
               "--request_timeout", "1.5")  # fmt: skip

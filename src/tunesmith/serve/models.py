@@ -54,7 +54,8 @@ class Catalog:
         if self.root is not None:
             for cfg in sorted(self.root.glob("**/adapter_config.json")):
                 rel = cfg.parent.relative_to(self.root).as_posix()
-                if rel not in names and ROOT_NAME.match(rel) and self._inside(cfg.parent):
+                ok = ROOT_NAME.match(rel) and _safe_adapter_dir(cfg.parent)
+                if rel not in names and ok and self._inside(cfg.parent):
                     names.append(rel)
         return names
 
