@@ -356,17 +356,20 @@ class DeployArgs(ModelArgs):
         "first one's args.json unless --model is given",
     )
     served_model_name: str | None = arg(
-        None, "the base model's name in /v1/models (default: --model, or its folder name)"
+        None, "the base model's name in /v1/models; none: --model, or its folder name"
     )
     host: str = arg("127.0.0.1", "address to listen on (loopback: only this machine)")
     port: int = arg(8000, "TCP port to listen on")
     api_key: str | None = arg(
         None,
-        "require 'Authorization: Bearer KEY' on every /v1 route (default: the "
-        "TUNESMITH_API_KEY environment variable; none: no key)",
+        "require 'Authorization: Bearer KEY' on every /v1 route; none: the "
+        "TUNESMITH_API_KEY environment variable if set, else no key",
     )
     infer_backend: str = arg(
-        "pt", "inference engine: pt (dynamic batching in PyTorch) or vllm", choices=("pt", "vllm")
+        "pt",
+        "inference engine: pt (dynamic batching in PyTorch); vllm is not implemented for "
+        "deploy yet",
+        choices=("pt", "vllm"),
     )
     adapter_root: str | None = arg(
         None,
@@ -374,7 +377,7 @@ class DeployArgs(ModelArgs):
         "it (loaded on first request; nothing outside it is reachable)",
     )
     system: str | None = arg(
-        None, "system prompt for requests without one (default: each adapter's training run's)"
+        None, "system prompt for requests without one; none: each adapter's training run's"
     )
     max_new_tokens: int = arg(512, "answer length when a request gives no max_tokens")
     max_tokens_limit: int = arg(4096, "largest max_tokens a request may ask for (400 above)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import os
 import socket
@@ -63,7 +64,10 @@ def build(args: DeployArgs) -> tuple[Any, Any]:
 
     key = check_args(args)
     model, tokenizer, catalog = load_served(args)
-    scheduler = Scheduler(model, tokenizer, eos_ids(model, tokenizer), args.max_concurrent)
+    # The scheduler thread decodes with its own copy: a fast tokenizer shared between threads
+    # can fail with "Already borrowed" while the other one encodes.
+    decoder = copy.deepcopy(tokenizer)
+    scheduler = Scheduler(model, decoder, eos_ids(model, tokenizer), args.max_concurrent)
     server = Server(args, key, scheduler, tokenizer, catalog, default_sampling(model))
     scheduler.start()
     return create_app(server), server
