@@ -50,7 +50,10 @@ def free_port() -> int:
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tunesmith", "deploy", "--model", args.model,
            "--host", "127.0.0.1", "--port", str(port), "--max_concurrent", "16",
-           "--max_queue", str(args.requests), "--served_model_name", "base"]  # fmt: skip
+           "--max_queue", str(args.requests), "--served_model_name", "base",
+           # The run's own time limit bounds it; the server must not cut queued requests
+           # sooner on a slow (shared) CPU.
+           "--request_timeout", str(args.time_limit)]  # fmt: skip
     if args.adapters:
         cmd += ["--adapters", *args.adapters]
     proc = subprocess.Popen(cmd)
