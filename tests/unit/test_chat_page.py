@@ -53,14 +53,11 @@ def chat_in_page(
     drv = open_browser()
     try:
         drv.get(url + "/")
+        if key:  # the page keeps the key in localStorage, as after a user typed it once
+            drv.execute_script("localStorage.setItem('tunesmith-key', arguments[0])", key)
+            drv.get(url + "/")
         wait = WebDriverWait(drv, 120)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
-        if key:  # the page lists the models again once a key is entered
-            drv.find_element(By.ID, "apikey").send_keys(key)
-            drv.execute_script(
-                "document.getElementById('apikey').dispatchEvent(new Event('change'))"
-            )
-            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
         if temperature is not None:
             drv.execute_script(
                 "const t = document.getElementById('temperature'); t.value = arguments[0];"
