@@ -124,8 +124,10 @@ async def run(args: argparse.Namespace, url: str) -> list[dict]:
     model = args.adapters[0].split("=")[0] if args.adapters else "base"
     await one(client, model, 0, 4)  # warm-up
     out = [await phase(client, model, "1 client", args.single, 1, args.max_tokens)]
+    print(json.dumps(out[-1]), flush=True)  # each phase at once: a cut-off run keeps them
     out.append(await phase(client, model, "16 clients", 16, 16, args.max_tokens))
     out[-1]["vs_1_client"] = round(out[-1]["tokens_per_s"] / out[0]["tokens_per_s"], 2)
+    print(json.dumps(out[-1]), flush=True)
     out.append(await phase(client, model, f"{args.requests} streams", args.requests,
                            args.requests, args.load_tokens))  # fmt: skip
     await client.close()
