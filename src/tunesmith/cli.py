@@ -20,6 +20,7 @@ from typing import Any
 
 from tunesmith.config import (
     DataCommandArgs,
+    DeployArgs,
     EvalArgs,
     ExportArgs,
     InferCommandArgs,
@@ -272,12 +273,22 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def cmd_deploy(argv: list[str]) -> int:
+    """``tunesmith deploy``: an OpenAI-compatible server (many adapters) and a chat page."""
+    args = parse_args(DeployArgs, "tunesmith deploy", "Serve a model and its adapters.", argv)
+    from tunesmith.serve.deploy import deploy
+
+    deploy(args)
+    return 0
+
+
 COMMANDS = {
     "sft": cmd_sft,
     "infer": cmd_infer,
     "data": cmd_data,
     "export": cmd_export,
     "eval": cmd_eval,
+    "deploy": cmd_deploy,
 }
 
 USAGE = """usage: tunesmith COMMAND [flags]
@@ -297,6 +308,8 @@ commands:
   export   merge LoRA adapters into a standalone model, or write GGUF / Ollama
            tunesmith export --adapters output/v0-.../checkpoint-30 --merge_lora true
            tunesmith export --adapters output/v0-.../checkpoint-30 --to gguf --gguf_type q8_0
+  deploy   serve models and adapters over the OpenAI API, with a chat page at /
+           tunesmith deploy --adapters mybot=output/v0-.../checkpoint-30
 
 `tunesmith COMMAND --help` lists every flag of a command with its default.
 """

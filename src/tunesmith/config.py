@@ -400,3 +400,50 @@ class EvalArgs(TemplateArgs, ModelArgs):
     eval_speed: bool = arg(
         True, "measure time to first token and per-token decode time of each model"
     )
+
+
+@dataclass
+class DeployArgs(ModelArgs):
+    """Everything ``tunesmith deploy`` takes (ms-swift's ``swift deploy`` names first)."""
+
+    adapters: list[str] = arg(
+        [],
+        "LoRA adapters to serve, each as name=CHECKPOINT (or a bare CHECKPOINT, served under "
+        "its folder name); a request picks one by its 'model'; the base model comes from the "
+        "first one's args.json unless --model is given",
+    )
+    served_model_name: str | None = arg(
+        None, "the base model's name in /v1/models; none: --model, or its folder name"
+    )
+    host: str = arg("127.0.0.1", "address to listen on (loopback: only this machine)")
+    port: int = arg(8000, "TCP port to listen on")
+    api_key: str | None = arg(
+        None,
+        "require 'Authorization: Bearer KEY' on every /v1 route; none: the "
+        "TUNESMITH_API_KEY environment variable if set, else no key",
+    )
+    infer_backend: str = arg(
+        "pt",
+        "inference engine: pt (dynamic batching in PyTorch); vllm is not implemented for "
+        "deploy yet",
+        choices=("pt", "vllm"),
+    )
+    adapter_root: str | None = arg(
+        None,
+        "also serve any adapter folder inside this directory, named by its path relative to "
+        "it (loaded on first request; nothing outside it is reachable)",
+    )
+    system: str | None = arg(
+        None, "system prompt for requests without one; none: each adapter's training run's"
+    )
+    max_new_tokens: int = arg(512, "answer length when a request gives no max_tokens")
+    max_tokens_limit: int = arg(4096, "largest max_tokens a request may ask for (400 above)")
+    max_prompt_tokens: int = arg(8192, "longest prompt in tokens (400 above)")
+    max_request_bytes: int = arg(1_048_576, "largest request body in bytes (413 above)")
+    max_concurrent: int = arg(16, "requests decoded together in one batch")
+    max_queue: int = arg(
+        128, "requests waiting for a batch slot; more are refused with 429 and Retry-After"
+    )
+    request_timeout: float = arg(
+        600.0, "seconds a request may take, waiting included, before it is stopped"
+    )

@@ -1,0 +1,1 @@
+"""``tunesmith deploy``: an OpenAI-compatible HTTP server with a web chat page."""
