@@ -23,7 +23,6 @@ from tunesmith.infer.llamacpp_backend import (
     resolve_sampling,
     token_probs,
 )
-from tunesmith.utils import setup_logging
 
 pytestmark = pytest.mark.usefixtures("isolated_torch")
 QUESTIONS = ["Say hello.", "你好, who are you?", "Echo 3.", "Count: 1 2 3", "Why?"]
@@ -83,7 +82,24 @@ def test_token_probs_equal_transformers_warpers(temp, top_k, top_p, rp) -> None:
 # --- the auto choice -------------------------------------------------------------------------
 
 
-def test_auto_is_pt_without_llama_cpp(tiny_model_dir, monkeypatch, capsys) -> None:
+@pytest.fixture
+def log_lines():
+    """tunesmith's log messages during the test (whatever the logger's earlier set-up)."""
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = logging.getLogger("tunesmith")
+    old = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    yield lines
+    log.removeHandler(handler)
+    log.setLevel(old)
+
+
+def test_auto_is_pt_without_llama_cpp(tiny_model_dir, monkeypatch, log_lines) -> None:
     import importlib.util
 
     real = importlib.util.find_spec
@@ -92,10 +108,9 @@ def test_auto_is_pt_without_llama_cpp(tiny_model_dir, monkeypatch, capsys) -> No
         return None if name == "llama_cpp" else real(name, *a)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    setup_logging()
     assert choose_backend(infer_args("--model", str(tiny_model_dir))) == "pt"
-    err = capsys.readouterr().err
-    assert "inference backend: pt" in err and "tunesmith[llamacpp]" in err
+    (line,) = log_lines
+    assert line.startswith("inference backend: pt") and "tunesmith[llamacpp]" in line
 
 
 def test_auto_is_pt_on_cuda_and_explicit_choice_wins(tiny_model_dir, monkeypatch) -> None:
@@ -105,13 +120,12 @@ def test_auto_is_pt_on_cuda_and_explicit_choice_wins(tiny_model_dir, monkeypatch
 
 
 @needs_llama_cpp
-def test_auto_picks_llamacpp_unless_a_pt_only_flag(tiny_model_dir, capsys) -> None:
-    setup_logging()
+def test_auto_picks_llamacpp_unless_a_pt_only_flag(tiny_model_dir, log_lines) -> None:
     assert choose_backend(infer_args("--model", str(tiny_model_dir))) == "llamacpp"
-    assert "inference backend: llamacpp" in capsys.readouterr().err
+    assert log_lines[-1].startswith("inference backend: llamacpp")
     for flag in (["--torch_dtype", "float32"], ["--fast_decode", "true"], ["--merge_lora", "true"]):
         assert choose_backend(infer_args("--model", str(tiny_model_dir), *flag)) == "pt"
-    assert "inference backend: pt (for --torch_dtype float32" in capsys.readouterr().err
+    assert log_lines[1].startswith("inference backend: pt (for --torch_dtype float32")
 
 
 # --- answers on llama.cpp --------------------------------------------------------------------
@@ -171,8 +185,8 @@ def test_streaming_equals_non_streaming_and_cache_reuse(engine) -> None:
 def test_stop_strings_end_the_answer_and_are_not_included(engine) -> None:
     gen = GenOptions(max_new_tokens=24, temperature=0)
     whole = engine.generate(msgs("Count: 1 2 3"), gen)
-    stop = whole[len(whole) // 2 : len(whole) // 2 + 2]
-    assert stop.strip(), whole
+    stop = whole[len(whole) // 2 :].strip()[:2]  # somewhere in the middle of the answer
+    assert stop, whole
     gen.stop = [stop]
     cut = whole[: whole.find(stop)]
     assert engine.generate(msgs("Count: 1 2 3"), gen) == cut
