@@ -26,11 +26,11 @@ PROMPTS = [
     "你是谁?", "Who are you?", "用一句话解释什么是机器学习。", "What is 2+2?",
     "Write a haiku about autumn.", "List three uses of Python.",
 ]  # fmt: skip
-NEW_TOKENS = 40
-F16_LOGIT_ERROR = 0.25
+NEW_TOKENS = 32
+F16_LOGIT_ERROR = 0.05
 """Largest |llama.cpp f16 logit - pt fp32 logit| allowed at a prompt's last position. The
 weights are bf16 (exact in f16 but for tiny values) and llama.cpp rounds activations to f16 in
-its matrix products; measured on the demo prompts: at most 0.0x (see the report below)."""
+its matrix products; measured on the demo prompts (2026-12-03): at most 0.013."""
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +112,11 @@ def test_greedy_answers_equal_pt(llama, pt) -> None:
 
 
 def test_batch_keeps_order_and_streaming_equals_the_answer(llama) -> None:
-    gen = GenOptions(max_new_tokens=24, temperature=0)
-    convs = [msgs(q) for q in PROMPTS[:4]]
+    gen = GenOptions(max_new_tokens=16, temperature=0)
+    convs = [msgs(q) for q in PROMPTS[:3]]
     one_by_one = [llama.generate(m, gen) for m in convs]
     assert all(a.strip() for a in one_by_one)
     assert llama.generate_many(convs[::-1], gen, progress=False) == one_by_one[::-1]
-    for m, answer in zip(convs[:2], one_by_one, strict=False):
+    for m, answer in zip(convs[:1], one_by_one, strict=False):
         pieces = list(llama.stream(m, gen))
         assert len(pieces) > 1 and "".join(pieces) == answer
