@@ -291,7 +291,8 @@ def main() -> None:
             lambda clock: generate_tokens(eng, ids, mask, kw, clock),
         )  # fmt: skip
     if a.llamacpp or a.batch:
-        llamacpp_variants(a, model_dir, ids[0].tolist(), new, baseline, default_tokens, emit)
+        pt_run = (model_dir, dtype, new)
+        llamacpp_variants(a, pt_run, ids[0].tolist(), baseline, default_tokens, emit)
     if a.no_lora:
         return
     from peft import LoraConfig, get_peft_model
@@ -309,12 +310,13 @@ def main() -> None:
 
 
 def llamacpp_variants(
-    a: Any, model_dir: Path, ids: list[int], new: int, baseline: dict, pt_tokens: list, emit: Any
+    a: Any, pt_run: tuple, ids: list[int], baseline: dict, pt_tokens: list, emit: Any
 ) -> None:
     """The llamacpp rows (and batch rows) beside the pt rows just measured."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from llamacpp_rows import batch_rows, decode_rows
 
+    model_dir, dtype, new = pt_run
     types = a.llamacpp.split(",") if a.llamacpp else []
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     info = {"device": cpu_name(), "avx512_bf16": "avx512_bf16" in flags, "prompt_len": len(ids),
@@ -330,7 +332,7 @@ def llamacpp_variants(
 
     decode_rows(a.model, types, ids, new, a.warmup, a.repeat or 2, report)
     if a.batch:
-        for row in batch_rows(a.model, model_dir, types, a.batch, new):
+        for row in batch_rows(a.model, model_dir, types, a.batch, new, dtype):
             emit(row | info)
 
 

@@ -79,7 +79,9 @@ def decode_rows(
         del engine
 
 
-def batch_rows(model: str, model_dir: Any, types: list[str], n: int, new: int) -> list[dict]:
+def batch_rows(
+    model: str, model_dir: Any, types: list[str], n: int, new: int, dtype: Any = None
+) -> list[dict]:
     """Records/s and answer tokens/s of batch inference over ``n`` questions, pt then llamacpp."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -91,7 +93,7 @@ def batch_rows(model: str, model_dir: Any, types: list[str], n: int, new: int) -
 
     convs = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(n)]
     tok = load_tokenizer(model_dir)
-    dtype = resolve_dtype("auto", "cpu")
+    dtype = dtype or resolve_dtype("auto", "cpu")  # the pt rows' dtype (--dtype)
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     pt = Engine(m, tok, None, torch.device("cpu"))
     kw = {"max_new_tokens": new, "do_sample": False, "pad_token_id": tok.pad_token_id}
