@@ -11,6 +11,9 @@ Variants, all in one process on the same weights and the same prompt ids:
   lora_merged_*         the same two after ``merge_and_unload`` (``infer --merge_lora true``)
   tunesmith_fast_cpu_compiled   (``--cpu-compile``) the fast path with torch.compile forced on
                         CPU, to measure whether it pays there
+  llamacpp_f16, _q8_0   (``--llamacpp f16,q8_0``) the llamacpp backend on the model's GGUF
+                        export (bench/llamacpp_rows.py); ``--batch N`` adds batch-inference
+                        rows of both backends (records/s over N chat questions)
 
 same_tokens_as_default: the greedy ids equal those of the same weights' default path (the
 last non-fast variant before it).
@@ -27,6 +30,8 @@ machine from a checkout:
 
   # CPU, the demo model (bench/RESULTS.md "Decode speed")
   python bench/decode_bench.py --model demo --new-tokens 64
+  # CPU, pt beside llamacpp (bench/RESULTS.md "llamacpp backend")
+  python bench/decode_bench.py --model demo --no-lora --llamacpp f16,q8_0 --batch 8
   # GPU: a Qwen2.5-7B-shaped model with random bf16 weights, made once, then measured
   python bench/decode_bench.py --make-random 7b /tmp/qwen7b-random [--tokenizer TOKDIR]
   python bench/decode_bench.py --model /tmp/qwen7b-random --new-tokens 256 --bandwidth-tbs 3.35
@@ -189,6 +194,8 @@ def main() -> None:
         "--bandwidth-tbs", type=float, default=None,
         help="memory bandwidth for the roofline (default: 3.0 on CUDA (H100), measured on CPU)",
     )  # fmt: skip
+    ap.add_argument("--llamacpp", help="also these GGUF types on llama.cpp, e.g. f16,q8_0")
+    ap.add_argument("--batch", type=int, default=0, help="batch-inference rows over N questions")
     ap.add_argument("--out", help="also append the JSON lines to this file")
     a = ap.parse_args()
     cuda = torch.cuda.is_available() and a.device != "cpu"
@@ -248,7 +255,10 @@ def main() -> None:
             "pct_of_roofline": round(100 * tps / roof, 1),
             "compiled_graphs": compiled_graphs(), **info,
         }  # fmt: skip
-        line = json.dumps(row)
+        emit(row)
+
+    def emit(row: dict[str, Any]) -> None:
+        line = json.dumps(row, ensure_ascii=False)
         print(line, flush=True)
         if a.out:
             with open(a.out, "a", encoding="utf-8") as f:
@@ -280,6 +290,9 @@ def main() -> None:
             "tunesmith_fast_cpu_compiled", model,
             lambda clock: generate_tokens(eng, ids, mask, kw, clock),
         )  # fmt: skip
+    if a.llamacpp or a.batch:
+        pt_run = (model_dir, dtype, new)
+        llamacpp_variants(a, pt_run, ids[0].tolist(), baseline, default_tokens, emit)
     if a.no_lora:
         return
     from peft import LoraConfig, get_peft_model
@@ -294,6 +307,33 @@ def main() -> None:
     reset_compile(peft_model)
     merged = peft_model.merge_and_unload()
     engine_variants("lora_merged", merged)
+
+
+def llamacpp_variants(
+    a: Any, pt_run: tuple, ids: list[int], baseline: dict, pt_tokens: list, emit: Any
+) -> None:
+    """The llamacpp rows (and batch rows) beside the pt rows just measured."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from llamacpp_rows import batch_rows, decode_rows
+
+    model_dir, dtype, new = pt_run
+    types = a.llamacpp.split(",") if a.llamacpp else []
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    info = {"device": cpu_name(), "avx512_bf16": "avx512_bf16" in flags, "prompt_len": len(ids),
+            "new_tokens": new, "llama_cpp": __import__("llama_cpp").__version__}  # fmt: skip
+
+    def report(variant: str, tps: float, ttft: float, tokens: list[int], extra: dict) -> None:
+        pairs = enumerate(zip(tokens, pt_tokens, strict=False))
+        same = next((i for i, (x, y) in pairs if x != y), min(len(tokens), len(pt_tokens)))
+        emit({"variant": variant, "tokens_per_s": round(tps, 2), "ttft_s": round(ttft, 4),
+              "ratio_vs_baseline": round(tps / baseline["tps"], 3),
+              "same_tokens_as_default": tokens == pt_tokens, "same_leading_tokens": same,
+              **extra, **info})  # fmt: skip
+
+    decode_rows(a.model, types, ids, new, a.warmup, a.repeat or 2, report)
+    if a.batch:
+        for row in batch_rows(a.model, model_dir, types, a.batch, new, dtype):
+            emit(row | info)
 
 
 if __name__ == "__main__":

@@ -274,16 +274,27 @@ class InferArgs:
         "compiles for a while); none: on for GPU, off on CPU, where it is not faster",
     )
     infer_backend: str = arg(
-        "pt",
-        "inference engine: pt (PyTorch/transformers, any device) or vllm (CUDA GPUs, "
-        "pip install 'tunesmith[vllm]'; the adapter is applied natively, batches continuously)",
-        choices=("pt", "vllm"),
+        "auto",
+        "inference engine: pt (PyTorch/transformers, any device), vllm (CUDA GPUs, "
+        "pip install 'tunesmith[vllm]'; the adapter is applied natively, batches continuously), "
+        "llamacpp (CPUs, pip install 'tunesmith[llamacpp]'; runs a GGUF export, made once and "
+        "cached); auto = llamacpp on a CPU-only machine where it is installed and the model "
+        "and flags allow it, else pt",
+        choices=("auto", "pt", "vllm", "llamacpp"),
+    )
+    gguf_type: str = arg(
+        "f16",
+        "llamacpp: type of the weight matrices of the GGUF file it exports and caches "
+        "(f16 answers as pt does; q8_0 is faster, rarely different)",
+        choices=("f16", "bf16", "q8_0"),
     )
     merge_lora: bool = arg(
         False, "merge the adapters into the base, save CHECKPOINT-merged/ and chat with it"
     )
     max_model_len: int | None = arg(
-        None, "vLLM: longest prompt + answer in tokens (none: the model's context length)"
+        None,
+        "vLLM / llamacpp: longest prompt + answer in tokens (none: the model's context length; "
+        "llamacpp: at most 8192)",
     )
     gpu_memory_utilization: float = arg(
         0.9, "vLLM: share of the GPU memory it may take for weights and KV cache"

@@ -105,7 +105,8 @@ def test_infer_cli_answers_piped_questions(checkpoint: Path) -> None:
     env = os.environ | {"PYTHONIOENCODING": "utf-8"}
     proc = subprocess.run(
         [sys.executable, "-m", "tunesmith", "infer", "--adapters", str(checkpoint),
-         "--stream", "true", "--temperature", "0", "--max_new_tokens", "40"],
+         "--stream", "true", "--temperature", "0", "--max_new_tokens", "40",
+         "--infer_backend", "pt"],
         input="你是谁?\nWho are you?\n", capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -122,6 +123,7 @@ def test_batch_inference_answers_equal_one_by_one(demo_dir: Path, tmp_path: Path
     for batch in ("4", "1"):
         out = tmp_path / f"b{batch}.jsonl"
         argv = ["infer", "--model", "demo", "--torch_dtype", "float32", "--temperature", "0"]
+        argv += ["--infer_backend", "pt"]
         argv += ["--max_new_tokens", "16", "--val_dataset", str(data), "--result_path", str(out)]
         assert main([*argv, "--max_batch_size", batch]) == 0
         rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]

@@ -117,6 +117,7 @@ def test_cli_writes_one_line_per_record_in_order(engine, gen, tiny_model_dir, tm
     )
     out = tmp_path / "res" / "out.jsonl"
     argv = ["infer", "--model", str(tiny_model_dir), "--torch_dtype", "float32"]
+    argv += ["--infer_backend", "pt"]  # the reference backend (llamacpp: test_llamacpp_backend)
     argv += ["--temperature", "0", "--max_new_tokens", "12", "--max_batch_size", "2"]
     assert main([*argv, "--val_dataset", str(a), str(b), "--result_path", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
@@ -131,6 +132,7 @@ def test_cli_default_result_path(tiny_model_dir, tmp_path, monkeypatch, caplog) 
     data = write(tmp_path / "d.jsonl", [{"query": "Hi"}])
     monkeypatch.chdir(tmp_path)
     argv = ["infer", "--model", str(tiny_model_dir), "--max_new_tokens", "2"]
+    argv += ["--infer_backend", "pt"]  # the reference backend (llamacpp: test_llamacpp_backend)
     assert main([*argv, "--val_dataset", str(data)]) == 0
     written = list((tmp_path / "infer_result").glob("*.jsonl"))
     assert len(written) == 1
@@ -141,6 +143,7 @@ def test_cli_bad_record_is_file_line_field_and_exit_2(tiny_model_dir, tmp_path, 
     data = write(tmp_path / "bad.jsonl", [{"query": "ok"}, {"query": 3}])
     out = tmp_path / "out.jsonl"
     argv = ["infer", "--model", str(tiny_model_dir), "--val_dataset", str(data)]
+    argv += ["--infer_backend", "pt"]  # the reference backend (llamacpp: test_llamacpp_backend)
     assert main([*argv, "--result_path", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"{data}:2: query: expected a string" in err
@@ -159,6 +162,7 @@ def test_a_crash_keeps_the_previous_result_file(tiny_model_dir, tmp_path, monkey
 
     monkeypatch.setattr("tunesmith.infer.batch.generate_batch", boom)
     argv = ["infer", "--model", str(tiny_model_dir), "--val_dataset", str(data)]
+    argv += ["--infer_backend", "pt"]  # the reference backend (llamacpp: test_llamacpp_backend)
     with pytest.raises(RuntimeError):
         main([*argv, "--result_path", str(out)])
     assert calls and out.read_text("utf-8") == "previous\n"
@@ -188,6 +192,7 @@ def test_load_prompts_split_the_reference(tmp_path) -> None:
 def test_cli_max_batch_size_zero_is_a_flag_error(tiny_model_dir, tmp_path, capsys) -> None:
     data = write(tmp_path / "d.jsonl", [{"query": "Hi"}])
     argv = ["infer", "--model", str(tiny_model_dir), "--val_dataset", str(data)]
+    argv += ["--infer_backend", "pt"]  # the reference backend (llamacpp: test_llamacpp_backend)
     assert main([*argv, "--max_batch_size", "0"]) == 2
     assert "--max_batch_size must be at least 1" in capsys.readouterr().err
 
@@ -200,5 +205,6 @@ def test_cli_unwritable_result_path_fails_before_generating(
     blocker.write_text("x", "utf-8")
     monkeypatch.setattr("tunesmith.infer.batch.generate_batch", pytest.fail)
     argv = ["infer", "--model", str(tiny_model_dir), "--val_dataset", str(data)]
+    argv += ["--infer_backend", "pt"]  # the reference backend (llamacpp: test_llamacpp_backend)
     assert main([*argv, "--result_path", str(blocker / "out.jsonl")]) == 2
     assert "cannot write there" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def test_model_dir_without_tokenizer(tiny_model_dir, tmp_path, capsys) -> None:
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(tiny_model_dir / "config.json", bare)
-    code, err = run(capsys, "infer", "--model", str(bare))
+    code, err = run(capsys, "infer", "--model", str(bare), "--infer_backend", "pt")
     assert code == 2
     assert f"{bare}: no usable tokenizer" in err
 
@@ -54,7 +54,8 @@ def run(capsys, *argv: str) -> tuple[int, str]:
 
 
 def test_adapter_of_another_base_is_one_sentence(adapter, other_base, capsys) -> None:
-    code, err = run(capsys, "infer", "--model", str(other_base), "--adapters", str(adapter))
+    argv = ["infer", "--model", str(other_base), "--adapters", str(adapter)]
+    code, err = run(capsys, *argv, "--infer_backend", "pt")
     assert code == 2
     assert f"--adapters {adapter}: does not fit the base model" in err
 

@@ -151,7 +151,8 @@ def test_greedy_generation_is_deterministic(ckpt) -> None:
 
 def test_cli_answers_each_piped_line(ckpt, engine, capsys, monkeypatch) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("Say hello.\n\nSay world.\n"))
-    code = main(["infer", "--adapters", str(ckpt), "--temperature", "0", "--max_new_tokens", "5"])
+    argv = ["infer", "--adapters", str(ckpt), "--temperature", "0", "--max_new_tokens", "5"]
+    code = main([*argv, "--infer_backend", "pt"])
     assert code == 0
     out = capsys.readouterr().out
     assert out.count("<<< ") == 2
@@ -171,7 +172,7 @@ def test_cli_answers_each_piped_line(ckpt, engine, capsys, monkeypatch) -> None:
 def test_cli_non_streaming(ckpt, capsys, monkeypatch) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("Say yes.\n"))
     argv = ["infer", "--adapters", str(ckpt), "--temperature", "0", "--max_new_tokens", "3"]
-    assert main([*argv, "--stream", "false"]) == 0
+    assert main([*argv, "--stream", "false", "--infer_backend", "pt"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("<<< Say yes.\n") and out.endswith("\n\n")
 

@@ -112,7 +112,8 @@ def infer_dataset(
 ) -> Path:
     """Answer ``prompts`` (``load_prompts(--val_dataset)``) and write ``--result_path``.
 
-    ``answer_many`` replaces the ``pt`` engine's batching (the vLLM backend batches itself).
+    ``answer_many`` replaces the ``pt`` engine's batching (vLLM batches itself, llama.cpp
+    answers one record at a time).
     """
     if answer_many is None:
         if args.max_batch_size is not None and args.max_batch_size < 1:
@@ -125,7 +126,7 @@ def infer_dataset(
             raise PermissionError(13, "permission denied")
     except OSError as e:
         raise UserError(f"--result_path {path}: cannot write there ({e.strerror or e})") from None
-    how = "continuously batched by vLLM" if answer_many else f"{batch} at a time"
+    how = f"by the {args.infer_backend} backend" if answer_many else f"{batch} at a time"
     logger.info(f"answering {len(prompts)} records, {how}; results go to {path}")
     start = time.perf_counter()
     convs = [with_system(p.messages, engine.system) for p in prompts]

@@ -1,5 +1,6 @@
 """``tunesmith infer``: an interactive multi-turn chat, one answer per piped line, or (with
-``--val_dataset``) batch inference over data files, on the ``pt`` or the ``vllm`` backend."""
+``--val_dataset``) batch inference over data files, on the ``pt``, ``vllm`` or ``llamacpp``
+backend."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from tunesmith.config import InferCommandArgs
 from tunesmith.infer.engine import chat_messages, generate, generation_kwargs, load_engine
-from tunesmith.utils import logger
+from tunesmith.utils import UserError, logger
 
 HELP = "commands: /clear (forget the conversation), /system TEXT (new system prompt), /exit"
 
@@ -28,14 +29,16 @@ def infer(args: InferCommandArgs) -> None:
         from tunesmith.infer.batch import load_prompts
 
         prompts = load_prompts(args.val_dataset, args.use_hf, args.seed)
-    engine, reply, reply_many = (
-        _vllm_backend(args) if args.infer_backend == "vllm" else _pt_backend(args)
-    )
+    from tunesmith.infer.llamacpp_backend import choose_backend
+
+    backends = {"pt": _pt_backend, "vllm": _vllm_backend, "llamacpp": _llamacpp_backend}
+    args.infer_backend = choose_backend(args)
+    engine, reply, reply_many = backends[args.infer_backend](args)
     if prompts is not None:
         from tunesmith.infer.batch import infer_dataset
 
-        infer_dataset(engine, args, generation_kwargs(args, engine.tokenizer), prompts,
-                      answer_many=reply_many)  # fmt: skip
+        gen = generation_kwargs(args, engine.tokenizer) if reply_many is None else {}
+        infer_dataset(engine, args, gen, prompts, answer_many=reply_many)
         return
     chat(reply, engine.system, args.stream)
 
@@ -86,6 +89,37 @@ def _vllm_backend(args: InferCommandArgs) -> tuple[Any, Reply, ReplyMany]:
         return answer
 
     return engine, reply, lambda convs: vllm_generate(engine, convs, args)
+
+
+def _llamacpp_backend(args: InferCommandArgs) -> tuple[Any, Reply, ReplyMany]:
+    """llama.cpp on the GGUF export of the model (merged with the adapters), cached."""
+    from tunesmith.infer.llamacpp_backend import gen_options, load_llamacpp, pt_only_flags
+
+    if args.merge_lora:
+        raise UserError(
+            "--merge_lora true saves a merged Hugging Face directory, which the llamacpp "
+            "backend does not write (it merges into its cached GGUF file); drop the flag, or "
+            "use --infer_backend pt"
+        )
+    if ignored := pt_only_flags(args):
+        logger.info(f"note: the llamacpp backend ignores {', '.join(ignored)}")
+    engine = load_llamacpp(args)
+    gen = gen_options(args)
+
+    def reply(messages: list[dict[str, str]], out: TextIO | None) -> str:
+        if out is None:
+            return engine.generate(messages, gen)
+        pieces = []
+        for piece in engine.stream(messages, gen):
+            out.write(piece)
+            out.flush()
+            pieces.append(piece)
+        answer = "".join(pieces)
+        if not answer.endswith("\n"):
+            out.write("\n")
+        return answer
+
+    return engine, reply, lambda convs: engine.generate_many(convs, gen)
 
 
 def chat(reply: Reply, system: str | None, stream: bool) -> None:
