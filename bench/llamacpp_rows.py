@@ -30,7 +30,7 @@ def export(model: str, gguf_type: str) -> Any:
     """The cached GGUF file of ``model`` (a directory or 'demo') in ``gguf_type``."""
     from tunesmith.cli import parse_args
     from tunesmith.config import InferCommandArgs
-    from tunesmith.export.gguf_cache import cached_gguf
+    from tunesmith.model.gguf_cache import cached_gguf
 
     argv = ["--model", model, "--gguf_type", gguf_type]
     return cached_gguf(parse_args(InferCommandArgs, "infer", "", argv))[0]

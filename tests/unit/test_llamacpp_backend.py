@@ -323,7 +323,7 @@ def test_interrupted_export_leaves_no_file(misfit, tiny_model_dir, monkeypatch) 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("tunesmith.export.gguf._add_tensors", boom)
+    monkeypatch.setattr("tunesmith.model.gguf_write._add_tensors", boom)
     code = main(["infer", "--model", str(tiny_model_dir), "--adapters", str(adapter),
                  "--infer_backend", "llamacpp"])  # fmt: skip
     assert code == 130  # Ctrl-C during the export

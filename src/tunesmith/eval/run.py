@@ -31,14 +31,14 @@ from tunesmith.eval.score import METRICS, Row, dataset_rows, moved, score_answer
 from tunesmith.infer.batch import with_system
 from tunesmith.infer.engine import (
     Engine,
-    check_adapter,
     generate_batch,
     generate_tokens,
     generation_kwargs,
     load_engine,
-    resolve_base,
 )
+from tunesmith.model.adapters import check_adapter, resolve_base
 from tunesmith.model.load import resolve_dtype
+from tunesmith.options import model_options
 from tunesmith.utils import UserError, logger
 
 # Eval answers are short and their prompts alike in length, so a batch wastes little on
@@ -205,7 +205,7 @@ def plan(args: EvalArgs) -> Plan:
     ckpt = resolve_checkpoint(args.adapters[0]) if args.adapters else None
     adapters = [str(ckpt)] if ckpt else []
     infer_args = from_dict(InferCommandArgs, to_dict(args) | {"adapters": adapters})
-    base = resolve_base(infer_args)
+    base = resolve_base(model_options(infer_args), infer_args.adapters, infer_args.system)
     names = identity_names(args, base.recorded)
     datasets = list(args.eval_dataset)
     if "identity" in datasets and not names:

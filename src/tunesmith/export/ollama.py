@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tunesmith.export.gguf import write_gguf
+from tunesmith.model.gguf_write import write_gguf
 from tunesmith.utils import UserError, atomic_dir, logger
 
 # Ollama's Go-template rendering of ChatML, the format of Qwen2.5's and SmolLM2's chat

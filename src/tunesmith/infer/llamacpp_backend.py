@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from tunesmith.options import model_options
 from tunesmith.utils import UserError, error_line, logger
 
 INSTALL_HINT = (
@@ -173,12 +174,16 @@ def pt_only_flags(args: Any) -> list[str]:
 
 def _model_arch(args: Any) -> str | None:
     """The architecture ``--model`` / ``--adapters`` will run (no weights are read)."""
-    from tunesmith.export.gguf_cache import is_gguf_file
-    from tunesmith.infer.engine import resolve_base
+    from tunesmith.model.adapters import resolve_base
+    from tunesmith.model.gguf_cache import is_gguf_file
 
     if is_gguf_file(args.model) and not args.adapters:
         return gguf_header(Path(args.model).expanduser())["arch"]
-    cfg = json.loads((resolve_base(args).model_dir / "config.json").read_text(encoding="utf-8"))
+    cfg = json.loads(
+        (
+            resolve_base(model_options(args), args.adapters, args.system).model_dir / "config.json"
+        ).read_text(encoding="utf-8")
+    )
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if rope.get("rope_type", rope.get("type")) not in (None, "default"):
         return None  # the GGUF writer refuses RoPE scaling
@@ -350,11 +355,11 @@ def load_gguf(
 
 def load_llamacpp(args: Any) -> LlamaCppEngine:
     """The engine for ``--model`` / ``--adapters`` (``InferCommandArgs`` or a superset): the
-    GGUF file exported once and cached (``export/gguf_cache.py``), the run's system prompt and
+    GGUF file exported once and cached (``model/gguf_cache.py``), the run's system prompt and
     the base model's generation config, as the ``pt`` backend would use them."""
     import_llama_cpp()  # say it is missing before a minute of exporting
-    from tunesmith.export.gguf_cache import cached_gguf
-    from tunesmith.infer.engine import run_args
+    from tunesmith.model.adapters import run_args
+    from tunesmith.model.gguf_cache import cached_gguf
 
     path, base_dir = cached_gguf(args)
     system = args.system

@@ -15,7 +15,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tunesmith.config import DeployArgs, InferCommandArgs, from_dict
-from tunesmith.infer.engine import check_adapter, resolve_base, run_args
+from tunesmith.model.adapters import check_adapter, resolve_base, run_args
+from tunesmith.options import model_options
 from tunesmith.utils import UserError, error_line, logger
 
 NAME = re.compile(r"^[A-Za-z0-9][\w.\-]{0,63}$")
@@ -133,7 +134,7 @@ def load_served(args: DeployArgs) -> tuple[Any, Any, Catalog]:
         "use_hf": args.use_hf, "system": args.system, "model_type": args.model_type,
         "template": args.template,
     })  # fmt: skip
-    base = resolve_base(infer_args)
+    base = resolve_base(model_options(infer_args), infer_args.adapters, infer_args.system)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.torch_dtype, device.type)
     tokenizer = load_tokenizer(base.model_dir if paths else base.tokenizer_dir)

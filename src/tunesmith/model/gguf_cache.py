@@ -1,7 +1,7 @@
 """The GGUF file the ``llamacpp`` backend runs: exported once, then reused while its inputs last.
 
 ``--model file.gguf`` is used as it is. ``--model DIR`` (or ``demo``, or a hub id) is written once
-by :func:`tunesmith.export.gguf.write_gguf` into the model cache; ``--adapters CKPT`` is merged
+by :func:`tunesmith.model.gguf_write.write_gguf` into the model cache; ``--adapters CKPT`` is merged
 into its base (in float32, as ``tunesmith export --to gguf`` does) and written once beside the
 checkpoint. The file name carries a hash of what went into it (adapter weights and config, the
 checkpoint's tokenizer, the base model's files, ``--gguf_type`` and the writer's version), so a
@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
+from typing import Any
 
-from tunesmith.config import ExportArgs, InferCommandArgs, from_dict, to_dict
+from tunesmith.config import ExportArgs, InferCommandArgs
+from tunesmith.options import model_options
 from tunesmith.utils import UserError, cache_dir, error_line, logger
 
 WRITER_VERSION = "1"
@@ -83,9 +86,9 @@ def gguf_target(args: InferCommandArgs) -> tuple[Path, Path]:
     Resolving the base is cheap (no weights are read); it downloads or converts a model only
     where the ``pt`` backend would too.
     """
-    from tunesmith.infer.engine import resolve_base
+    from tunesmith.model.adapters import resolve_base
 
-    base = resolve_base(args)
+    base = resolve_base(model_options(args), args.adapters, args.system)
     gguf_type = args.gguf_type
     if base.adapters:
         ckpt = base.adapters[-1]
@@ -116,13 +119,10 @@ def cached_gguf(args: InferCommandArgs) -> tuple[Path, Path | None]:
 
 def _export(args: InferCommandArgs, out: Path) -> None:
     """Merge (with ``--adapters``) and write ``out`` through ``export --to gguf``'s own path."""
-    from tunesmith.export.convert import load_for_export
-    from tunesmith.export.gguf import write_gguf
+    from tunesmith.model.gguf_write import write_gguf
 
-    export_args = from_dict(ExportArgs, to_dict(args))
-    export_args.to = "gguf"
     try:
-        model, tokenizer, _system, _source, name = load_for_export(export_args)
+        model, tokenizer, _system, _source, name = load_for_export(args)
     except (RuntimeError, ValueError, NotImplementedError, KeyError) as e:
         what = f"--adapters {args.adapters[-1]}" if args.adapters else f"--model {args.model}"
         raise UserError(
@@ -138,3 +138,48 @@ def _remove_stale(current: Path) -> None:
     for old in current.parent.glob(f"{prefix}*.gguf"):
         if old != current and len(old.name) == len(current.name):
             old.unlink(missing_ok=True)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", name).strip("-") or "model"
+
+
+def load_for_export(
+    args: ExportArgs | InferCommandArgs,
+) -> tuple[Any, Any, str | None, Path | None, str]:
+    """(model, tokenizer, system prompt, source path, base name) for ``--to``.
+
+    With ``--adapters`` the adapters are merged in memory, in float32 unless --torch_dtype
+    says otherwise: a LoRA delta is small beside the weights, and adding it in bf16 would round
+    part of it away; the GGUF conversion then rounds once.
+    """
+    import torch
+
+    from tunesmith.model.adapters import load_adapted, merged, resolve_base
+    from tunesmith.model.load import load_model, load_tokenizer, resolve_dtype, resolve_model
+
+    if args.adapters:
+        base = resolve_base(model_options(args), args.adapters, args.system)
+        ckpt = base.adapters[-1]
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = resolve_dtype("float32" if args.torch_dtype == "auto" else args.torch_dtype,
+                              device.type, compute=False)  # fmt: skip
+        model, tokenizer = load_adapted(base, dtype, device, args.attn_impl, quantized=False)
+        return merged(model), tokenizer, base.system, ckpt, ckpt.name
+    if not args.model:
+        raise UserError("tunesmith export --to: pass --model MODEL or --adapters CHECKPOINT")
+    model_dir = resolve_model(args.model, args.use_hf)
+    local = Path(args.model).expanduser()
+    source = local.resolve() if local.exists() else None
+    name = _safe_name(source.name if source is not None else args.model.split("/")[-1])
+    if source is not None and source.is_dir():
+        name = source.name
+    from transformers import AutoConfig
+
+    from tunesmith.model.gguf_write import check_architecture
+
+    check_architecture(AutoConfig.from_pretrained(model_dir))  # refuse before loading weights
+    dtype: Any = "auto"  # the checkpoint's own dtype: converting once, to the GGUF type
+    if args.torch_dtype != "auto":
+        dtype = resolve_dtype(args.torch_dtype, "cpu", compute=False)
+    return load_model(model_dir, dtype), load_tokenizer(model_dir), args.system, source, name
