@@ -15,6 +15,7 @@ from tunesmith.config import SftArgs, to_dict
 from tunesmith.data.collate import collate, pack
 from tunesmith.data.prepare import load_conversations, prepare
 from tunesmith.model import quant
+from tunesmith.model.fast import FastOptions, apply_fast_path
 from tunesmith.model.load import (
     check_model_type,
     load_model,
@@ -57,6 +58,7 @@ def sft(args: SftArgs) -> Path:
     if args.model is None:
         args.model = "demo"
     _validate(args)
+    fast = FastOptions.parse(args.fast)
     seed_everything(args.seed)
     resume = None
     if args.resume_from_checkpoint:
@@ -140,6 +142,8 @@ def sft(args: SftArgs) -> Path:
             set_peft_model_state_dict(model, load_file(resume / "adapter_model.safetensors"))
         if dtype != torch.float32:  # under autocast; without it peft's input cast is needed
             keep_activation_dtype(model)
+    for line in apply_fast_path(model, fast):
+        logger.info(f"fast path: {line}")
     if resume is not None:
         logger.info(f"loaded the weights of {resume}")
     trainable, total = quant.param_counts(model)
@@ -169,7 +173,7 @@ def sft(args: SftArgs) -> Path:
         batch_size=args.per_device_eval_batch_size,
         collate_fn=lambda b: collate(b, tokenizer.pad_token_id),
     )
-    loss_module = CausalLMLoss(model)
+    loss_module = CausalLMLoss(model, fused_ce=fast.loss)
     loss_module, optimizer, loader, val_loader = accelerator.prepare(
         loss_module, optimizer, loader, val_loader
     )
