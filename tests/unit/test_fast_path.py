@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tunesmith.model.fast import FastOptions, apply_fast_path
-from tunesmith.model.fast.loss import linear_cross_entropy
 from tunesmith.model.fast.lora_fused import lora_linear, patch_lora_layers
+from tunesmith.model.fast.loss import linear_cross_entropy
 from tunesmith.model.lora import CausalLMLoss, lora_config
 from tunesmith.utils import UserError
 

@@ -62,10 +62,7 @@ class LoraLinearFunction(torch.autograd.Function):
         w = _dense(weight, dtype)
         a = lora_a.to(dtype)
         b = lora_b.to(dtype)
-        if bias is not None:
-            y = torch.addmm(bias.to(dtype), x2, w.t())
-        else:
-            y = x2 @ w.t()
+        y = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
         xa = x2 @ a.t()
         y.addmm_(xa, b.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
@@ -147,9 +144,8 @@ def fusable(module: nn.Module) -> bool:
     if not isinstance(dropout, nn.Identity):
         return False
     base = module.base_layer
-    if getattr(base, "fan_in_fan_out", False) or not isinstance(base, nn.Linear):
-        return False  # bnb.nn.Linear4bit subclasses nn.Linear
-    return True
+    # bnb.nn.Linear4bit subclasses nn.Linear; Conv1D-style (fan_in_fan_out) layers are not served.
+    return isinstance(base, nn.Linear) and not getattr(base, "fan_in_fan_out", False)
 
 
 def patch_lora_layers(model: nn.Module) -> tuple[int, int]:
