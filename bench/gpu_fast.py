@@ -103,8 +103,8 @@ def peer_mixed(model_dir: str, data: str, steps: int) -> dict:
             inp[i, : len(x)] = torch.tensor(x)
             mask[i, : len(x)] = 1
         labels = inp.masked_fill(mask == 0, -100)
-        batches.append({k: v.cuda() for k, v in
-                        {"input_ids": inp, "attention_mask": mask, "labels": labels}.items()})  # fmt: skip
+        batch = {"input_ids": inp, "attention_mask": mask, "labels": labels}
+        batches.append({k: v.cuda() for k, v in batch.items()})
     model = _peft_model(model_dir)
     times, loss = _timed_steps(model, batches, lambda m, b: m(**b).loss)
     real = [int(b["attention_mask"].sum()) for b in batches]

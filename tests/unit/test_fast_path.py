@@ -124,9 +124,33 @@ def test_fast_path_matches_peft_on_a_tiny_qwen2() -> None:
         assert _rel(got[2][k], want) < 1e-5, k
 
 
-def test_layers_with_dropout_keep_peft_forward() -> None:
+def test_lora_linear_dropout_matches_reference_with_the_same_mask() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, 16, generator=g, dtype=torch.float64)
+    a = torch.randn(4, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    bb = torch.randn(10, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(6, 16, generator=g) >= 0.3
+    dy = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    ref = x @ w.t() + 2.0 * ((x * keep / 0.7) @ a.t()) @ bb.t()
+    ref_grads = torch.autograd.grad(ref, (x, a, bb), dy)
+    out = lora_linear(x, w, None, a, bb, 2.0, dropout=0.3, keep=keep)
+    grads = torch.autograd.grad(out, (x, a, bb), dy)
+    assert _rel(out, ref) < 1e-12
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert _rel(got, want) < 1e-12
+
+
+def test_dropout_layers_are_fused_and_dropout_is_off_in_eval() -> None:
     model = _tiny_peft(dropout=0.1)
-    assert patch_lora_layers(model) == (0, 14)
+    assert patch_lora_layers(model) == (14, 14)
+    ids = torch.randint(0, 300, (1, 12))
+    model.eval()  # no dropout: the fused layers give peft's output
+    fused = model(input_ids=ids).logits
+    ref = _tiny_peft(dropout=0.1).eval()(input_ids=ids).logits
+    assert _rel(fused, ref) < 1e-5
+    model.train()  # dropout on: outputs differ between calls
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_fast_options_parse() -> None:

@@ -20,8 +20,9 @@ gradients cast back. The math is peft's exactly (same function of x, A, B, W); o
 differs (bf16 products instead of the autocast's bf16 products in another order).
 
 ``patch_lora_layers`` swaps the forward of every peft LoRA layer it can serve (one active
-adapter, no dropout, no DoRA, plain or bitsandbytes-4-bit base) and leaves the others alone;
-the modules, parameter names and checkpoints stay peft's.
+adapter, no DoRA, plain or bitsandbytes-4-bit base; LoRA dropout is drawn here and its mask
+saved as one byte an element) and leaves the others alone; the modules, parameter names and
+checkpoints stay peft's.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """``x @ W.T + bias + scaling * (x @ A.T) @ B.T`` with a hand-written backward."""
+    """``x @ W.T + bias + scaling * (drop(x) @ A.T) @ B.T`` with a hand-written backward.
+
+    ``keep`` is the dropout's boolean mask (None: no dropout) and ``keep_scale`` its 1/(1-p);
+    the mask (one byte an element) is saved instead of the dropped-out copy of ``x``.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -55,6 +60,8 @@ class LoraLinearFunction(torch.autograd.Function):
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         scaling: float,
+        keep: torch.Tensor | None,
+        keep_scale: float,
     ) -> torch.Tensor:
         """Forward; ``x`` is (..., in), the result (..., out) in ``x``'s dtype."""
         dtype = x.dtype
@@ -63,17 +70,18 @@ class LoraLinearFunction(torch.autograd.Function):
         a = lora_a.to(dtype)
         b = lora_b.to(dtype)
         y = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
-        xa = x2 @ a.t()
+        xd = x2 if keep is None else _drop(x2, keep, keep_scale)
+        xa = xd @ a.t()
         y.addmm_(xa, b.t(), alpha=scaling)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, keep)
         ctx.scaling = scaling
-        ctx.has_bias = bias is not None
+        ctx.keep_scale = keep_scale
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         """Gradients for x, A and B (the base weight and bias are frozen)."""
-        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        x, weight, lora_a, lora_b, xa, keep = ctx.saved_tensors
         s = ctx.scaling
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
@@ -84,13 +92,22 @@ class LoraLinearFunction(torch.autograd.Function):
         dx = da = db = None
         if ctx.needs_input_grad[0]:
             dx = dy2 @ _dense(weight, dtype)
-            dx.addmm_(dyb, a, alpha=s)
+            if keep is None:
+                dx.addmm_(dyb, a, alpha=s)
+            else:  # the adapter's share passes back through the same dropout mask
+                dx.add_(_drop(dyb @ a, keep, s * ctx.keep_scale))
             dx = dx.view(x.shape)
         if ctx.needs_input_grad[3]:
-            da = (dyb.t() @ x2).mul_(s).to(lora_a.dtype)
+            xd = x2 if keep is None else _drop(x2, keep, ctx.keep_scale)
+            da = (dyb.t() @ xd).mul_(s).to(lora_a.dtype)
         if ctx.needs_input_grad[4]:
             db = (dy2.t() @ xa).mul_(s).to(lora_b.dtype)
-        return dx, None, None, da, db, None
+        return dx, None, None, da, db, None, None, None
+
+
+def _drop(t: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t`` with the dropped elements zeroed and the kept ones scaled by ``scale``."""
+    return t * keep.view(t.shape) * scale
 
 
 def lora_linear(
@@ -100,9 +117,18 @@ def lora_linear(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,
+    dropout: float = 0.0,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Functional form of :class:`LoraLinearFunction` (what the patched layers call)."""
-    return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling)
+    """Functional form of :class:`LoraLinearFunction` (what the patched layers call).
+
+    With ``dropout`` > 0 and no ``keep`` mask given, one is drawn (as ``nn.Dropout`` would in
+    training mode: each element kept with probability 1 - dropout).
+    """
+    if dropout > 0 and keep is None:
+        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - dropout)
+    scale = 1.0 / (1.0 - dropout) if dropout > 0 else 1.0
+    return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, keep, scale)
 
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -115,6 +141,8 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if name not in self.lora_A:
         return type(self).forward(self, x, *args, **kwargs)
     base = self.base_layer
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     return lora_linear(
         x,
         base.weight,
@@ -122,6 +150,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         self.lora_A[name].weight,
         self.lora_B[name].weight,
         float(self.scaling[name]),
+        dropout=p,
     )
 
 
@@ -141,7 +170,7 @@ def fusable(module: nn.Module) -> bool:
     if len(module.lora_A) != 1 or module.lora_variant:  # DoRA and friends
         return False
     dropout = next(iter(module.lora_dropout.values()))
-    if not isinstance(dropout, nn.Identity):
+    if type(dropout) not in (nn.Identity, nn.Dropout):
         return False
     base = module.base_layer
     # bnb.nn.Linear4bit subclasses nn.Linear; Conv1D-style (fan_in_fan_out) layers are not served.
