@@ -271,7 +271,25 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"sft": cmd_sft, "infer": cmd_infer, "data": cmd_data, "export": cmd_export}
+def cmd_estimate(argv: list[str]) -> int:
+    """``tunesmith estimate``: predicted peak GPU memory and tokens/s of an sft run."""
+    from tunesmith.model.estimate import EstimateArgs, estimate, load_shape, render
+
+    args = parse_args(
+        EstimateArgs, "tunesmith estimate", "Predict GPU memory and speed of a run.", argv
+    )
+    shape = load_shape(args)
+    print(render(shape, args, estimate(shape, args)))
+    return 0
+
+
+COMMANDS = {
+    "sft": cmd_sft,
+    "infer": cmd_infer,
+    "data": cmd_data,
+    "export": cmd_export,
+    "estimate": cmd_estimate,
+}
 
 USAGE = """usage: tunesmith COMMAND [flags]
 
@@ -288,6 +306,8 @@ commands:
   export   merge LoRA adapters into a standalone model, or write GGUF / Ollama
            tunesmith export --adapters output/v0-.../checkpoint-30 --merge_lora true
            tunesmith export --adapters output/v0-.../checkpoint-30 --to gguf --gguf_type q8_0
+  estimate predict peak GPU memory and tokens/s of an sft run (reads config.json only)
+           tunesmith estimate --model Qwen/Qwen2.5-7B-Instruct --max_length 2048
 
 `tunesmith COMMAND --help` lists every flag of a command with its default.
 """
