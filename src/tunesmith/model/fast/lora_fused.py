@@ -73,7 +73,11 @@ class LoraLinearFunction(torch.autograd.Function):
         xd = x2 if keep is None else _drop(x2, keep, keep_scale)
         xa = xd @ a.t()
         y.addmm_(xa, b.t(), alpha=scaling)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, keep)
+        ctx.save_for_backward(x, lora_a, lora_b, xa, keep)
+        # The frozen base weight is held by reference, not through save_for_backward: the
+        # checkpointing hooks would hand back a detached plain tensor, losing a 4-bit weight's
+        # quant_state, and a parameter needs no saving anyway.
+        ctx.weight = weight
         ctx.scaling = scaling
         ctx.keep_scale = keep_scale
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -81,7 +85,8 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         """Gradients for x, A and B (the base weight and bias are frozen)."""
-        x, weight, lora_a, lora_b, xa, keep = ctx.saved_tensors
+        x, lora_a, lora_b, xa, keep = ctx.saved_tensors
+        weight = ctx.weight
         s = ctx.scaling
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
