@@ -110,10 +110,15 @@ def _loss_and_grads(model, fused_ce: bool):
     return loss.item(), int(correct), grads
 
 
-def test_fast_path_matches_peft_on_a_tiny_qwen2() -> None:
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_fast_path_matches_peft_on_a_tiny_qwen2(ckpt: bool) -> None:
     """Same loss, correct count and LoRA gradients as peft's own forward (fp32, CPU)."""
     ref = _loss_and_grads(_tiny_peft(), fused_ce=False)
     model = _tiny_peft()
+    if ckpt:  # as sft() sets it up on a GPU: each layer recomputed in backward
+        kwargs = {"use_reentrant": False}
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.train()
     done = apply_fast_path(model, FastOptions())
     assert done[0] == "fused LoRA on 14/14 layers"  # 7 projections x 2 layers
     got = _loss_and_grads(model, fused_ce=True)
