@@ -33,6 +33,7 @@ def _peft_model(model_dir: str, ckpt: bool = True) -> Any:
         model_dir, dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": "cuda"}
     )
     model.config.use_cache = False
+    model.train()  # from_pretrained returns eval mode, where HF skips checkpointing
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -125,6 +126,7 @@ def _tunesmith_model(model_dir: str, fast: str, ckpt: bool = True) -> Any:
 
     model = load_model(Path(model_dir), torch.bfloat16, "sdpa", device="cuda")
     model.config.use_cache = False
+    model.train()  # from_pretrained returns eval mode, where HF skips checkpointing
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(0)
@@ -242,3 +244,46 @@ def profile(model_dir: str, seq: int, fast: str = "all") -> dict:
             "gpu_busy_ms": round(busy / 1e3, 1),
             "split": {k: round(100 * v / busy, 1) for k, v in sorted(kinds.items())},
             "top": [[n[:90], round(v / 1e3, 2)] for n, v in top]}  # fmt: skip
+
+
+def ablation(model_dir: str, seq: int, steps: int = 5) -> dict:
+    """One model, the fast path's parts switched on one after another, gradient checkpointing
+    on: wall time of forward and backward per step, and the peak, after each stage."""
+    import torch
+
+    from tunesmith.model.fast import _apply_kernels
+    from tunesmith.model.fast.lora_fused import patch_lora_layers
+    from tunesmith.model.lora import CausalLMLoss
+
+    model, _, _ = _tunesmith_model(model_dir, "none")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=True)  # fmt: skip
+    ids = torch.randint(0, 152064, (1, seq), device="cuda")
+    stages = {}
+    for stage in ("none", "+lora", "+loss", "+kernels"):
+        if stage == "+lora":
+            patch_lora_layers(model)
+        if stage == "+kernels":
+            _apply_kernels(model)
+        module = CausalLMLoss(model, fused_ce=stage in ("+loss", "+kernels"))
+        fwd, bwd = [], []
+        torch.cuda.reset_peak_memory_stats()
+        for i in range(steps + 2):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss_sum, n, _ = module(input_ids=ids, labels=ids)
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            (loss_sum / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if i >= 2:
+                fwd.append(t1 - t0)
+                bwd.append(time.perf_counter() - t1)
+        f, b = sorted(fwd)[len(fwd) // 2], sorted(bwd)[len(bwd) // 2]
+        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        stages[stage] = {"fwd_ms": round(f * 1e3, 1), "bwd_opt_ms": round(b * 1e3, 1),
+                         "tok_s": round(seq / (f + b)), "peak_gib": peak}  # fmt: skip
+    return {"impl": "ablation (in-process, grad-ckpt)", "stages": stages}

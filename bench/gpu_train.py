@@ -65,11 +65,12 @@ SHAPES = {
 # tunesmith sft rows (lora_nofast: --fast none; lora_noliger: --fast lora,loss; lora_nockpt:
 # no gradient checkpointing; lora_mixed: the length-mixed data, packed to 4096 tokens a row),
 # peers (peft_liger, peft_nockpt, peft_mixed: gpu_fast.py), Unsloth (bench/peers/
-# unsloth_bench.py, needs it importable), and checks (lossmatch, profile, profile_nofast).
+# unsloth_bench.py, needs it importable), and checks (lossmatch, profile, profile_nofast, ablation).
 # A run may name its own length: lora@8192.
 RUNS = ("lora", "lora_nofast", "lora_noliger", "lora_nockpt", "lora_mixed", "qlora",
         "peft", "peft_qlora", "peft_liger", "peft_nockpt", "peft_mixed",
-        "unsloth", "unsloth_qlora", "lossmatch", "profile", "profile_nofast")  # fmt: skip
+        "unsloth", "unsloth_qlora", "lossmatch", "profile", "profile_nofast",
+        "ablation")  # fmt: skip
 TUNESMITH_FLAGS = {
     "lora_nofast": ["--fast", "none"],
     "lora_noliger": ["--fast", "lora,loss"],
@@ -367,6 +368,8 @@ def one(run: str, model_dir: str, data: str, seq: int, steps: int, work: str, de
         r = times_to_step(gpu_fast.peer_liger(model_dir, seq, steps))
     elif run == "peft_mixed":
         r = times_to_step(gpu_fast.peer_mixed(model_dir, data, steps))
+    elif run == "ablation":
+        r = gpu_fast.ablation(model_dir, seq)
     elif run == "lossmatch":
         r = gpu_fast.loss_match(model_dir, min(seq, 1024))
     elif run.startswith("profile"):

@@ -77,12 +77,15 @@ def apply_fast_path(model: nn.Module, options: FastOptions) -> list[str]:
 
 def _apply_kernels(model: nn.Module) -> str:
     """Liger's RMSNorm, RoPE and SwiGLU on a CUDA Qwen2/Llama model; '' when not applicable."""
+    import torch
+
     from tunesmith.model.lora import hf_model
 
     lm = hf_model(model)
-    device = next(lm.parameters()).device
     kind = lm.config.model_type
-    if device.type != "cuda" or kind not in ("qwen2", "llama"):
+    # sft() loads the model on the CPU and Accelerate moves it to the GPU later: what counts
+    # is whether training will run on CUDA (Liger's kernels are Triton, CUDA only).
+    if not torch.cuda.is_available() or kind not in ("qwen2", "llama"):
         return ""
     try:
         from liger_kernel.transformers import (
