@@ -138,7 +138,9 @@ def estimate(shape: Shape, args: EstimateArgs) -> dict[str, float]:
         terms["weights"] = (per_linear * linear + 2 * other) / GIB
         lora = shape.layers * args.lora_rank * sum(a + b for a, b in shape.linear_shapes())
         terms["lora_and_adamw"] = 16 * lora / GIB  # fp32 weight, grad, two moments
-    per_token_layer = 2 * (5 * h + 2 * shape.kv_dim + 3 * i)  # bytes kept without recompute
+    # Bytes a token keeps per layer without recompute (HF's norms keep fp32 copies; the MLP
+    # keeps gate, its activation, up and their product): fitted to the H200's no-ckpt row.
+    per_token_layer = 2 * (9 * h + 2 * shape.kv_dim + 4 * i)
     working = 2 * tokens * (MLP_WORKING * i + 6 * h)  # one layer's backward
     if args.gradient_checkpointing:
         terms["checkpoints"] = 2 * tokens * h * (shape.layers + 1) / GIB
