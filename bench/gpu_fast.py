@@ -260,13 +260,15 @@ def ablation(model_dir: str, seq: int, steps: int = 5) -> dict:
                             fused=True)  # fmt: skip
     ids = torch.randint(0, 152064, (1, seq), device="cuda")
     stages = {}
-    for stage in ("none", "+lora", "+loss", "+kernels"):
+    for stage in ("none", "+lora", "+loss", "+kernels", "+kernels -ckpt"):
         if stage == "+lora":
             patch_lora_layers(model)
         if stage == "+kernels":
             _apply_kernels(model)
-        module = CausalLMLoss(model, fused_ce=stage in ("+loss", "+kernels"))
-        fwd, bwd = [], []
+        if stage == "+kernels -ckpt":
+            model.get_base_model().gradient_checkpointing_disable()
+        module = CausalLMLoss(model, fused_ce=stage != "none" and stage != "+lora")
+        fwd, bwd, issue = [], [], []
         torch.cuda.reset_peak_memory_stats()
         for i in range(steps + 2):
             torch.cuda.synchronize()
@@ -278,12 +280,15 @@ def ablation(model_dir: str, seq: int, steps: int = 5) -> dict:
             (loss_sum / n).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            t2 = time.perf_counter()  # backward issued: CPU time, before waiting for the GPU
             torch.cuda.synchronize()
             if i >= 2:
                 fwd.append(t1 - t0)
                 bwd.append(time.perf_counter() - t1)
+                issue.append(t2 - t1)
         f, b = sorted(fwd)[len(fwd) // 2], sorted(bwd)[len(bwd) // 2]
         peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         stages[stage] = {"fwd_ms": round(f * 1e3, 1), "bwd_opt_ms": round(b * 1e3, 1),
+                         "bwd_cpu_issue_ms": round(sorted(issue)[len(issue) // 2] * 1e3, 1),
                          "tok_s": round(seq / (f + b)), "peak_gib": peak}  # fmt: skip
     return {"impl": "ablation (in-process, grad-ckpt)", "stages": stages}
