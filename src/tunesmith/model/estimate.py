@@ -20,10 +20,11 @@ from tunesmith.utils import UserError
 GIB = 2**30
 # Measured constants (bench/RESULTS.md, "issue 17"): the backward of one checkpointed decoder
 # layer holds about MLP_WORKING (seq x intermediate) bf16 tensors at once beside its attention
-# tensors; matmuls of a LoRA step reach MATMUL_EFF of the H200's measured 790 TFLOP/s.
+# tensors; matmuls of a LoRA step reach MATMUL_EFF of the H200's measured 790 TFLOP/s (fitted
+# to the seq-2048 checkpointed row; it underestimates seq 8192 by ~30 %, see RESULTS).
 MLP_WORKING = 5.0
 MATMUL_PEAK = 790e12
-MATMUL_EFF = 0.55
+MATMUL_EFF = 0.44
 QLORA_SLOWDOWN = 1.35  # 4-bit: each weight is dequantized in forward, recompute and backward
 CE_CHUNK_ELEMENTS = 2**25  # model/fast/loss.py's CHUNK_ELEMENTS
 
