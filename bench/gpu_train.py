@@ -62,7 +62,22 @@ SHAPES = {
         num_attention_heads=4, num_key_value_heads=2, vocab_size=151936,
     ),
 }  # fmt: skip
-RUNS = ("lora", "qlora", "peft", "peft_qlora")
+# tunesmith sft rows (lora_nofast: --fast none; lora_noliger: --fast lora,loss; lora_nockpt:
+# no gradient checkpointing; lora_mixed: the length-mixed data, packed to 4096 tokens a row),
+# peers (peft_liger, peft_nockpt, peft_mixed: gpu_fast.py), Unsloth (bench/peers/
+# unsloth_bench.py, needs it importable), and checks (lossmatch, profile, profile_nofast, ablation).
+# A run may name its own length: lora@8192.
+RUNS = ("lora", "lora_nofast", "lora_noliger", "lora_nockpt", "lora_mixed", "qlora",
+        "peft", "peft_qlora", "peft_liger", "peft_nockpt", "peft_mixed",
+        "unsloth", "unsloth_qlora", "lossmatch", "profile", "profile_nofast",
+        "ablation")  # fmt: skip
+TUNESMITH_FLAGS = {
+    "lora_nofast": ["--fast", "none"],
+    "lora_noliger": ["--fast", "lora,loss"],
+    "lora_nockpt": ["--gradient_checkpointing", "false"],
+    "lora_mixed": ["--packing", "true"],
+    "qlora": ["--quantization_bit", "4", "--bnb_4bit_quant_type", "nf4"],
+}
 LORA = dict(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 WORDS = """the model learns from data and each step updates a small adapter while the base stays
 frozen so memory goes to activations of long sequences in a river valley an old town keeps its
@@ -74,7 +89,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokenizer", required=True, help="directory with the Qwen2.5 tokenizer")
     p.add_argument("--shapes", nargs="+", default=["0.5b", "7b"], choices=list(SHAPES))
-    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    p.add_argument("--runs", nargs="+", default=["peft", "lora", "qlora", "peft_qlora"],
+                   help=f"runs, each optionally @SEQ: {' '.join(RUNS)}")  # fmt: skip
     p.add_argument("--seq", type=int, default=2048, help="tokens per sample")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
     p.add_argument("--work", default="/tmp/tunesmith-gpu-bench", help="models, data, runs")
@@ -86,7 +102,9 @@ def main() -> None:
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = write_dataset(work / "data" / f"long-{a.seq}.jsonl", a.seq)
+    for spec in a.runs:
+        if spec.partition("@")[0] not in RUNS:
+            p.error(f"unknown run {spec}; choose from {' '.join(RUNS)}")
     results = []
     t_all = time.perf_counter()
     for shape in a.shapes:
@@ -97,11 +115,20 @@ def main() -> None:
             if "error" in r:
                 print(json.dumps({"shape": shape, **r}), flush=True)
                 continue
-        for run in a.runs:
-            cmd = ["one", run, str(model_dir), str(data), str(a.seq), str(a.steps), str(work)]
+        for spec in a.runs:
+            run, _, seq_s = spec.partition("@")
+            seq = int(seq_s or a.seq)
+            data = write_dataset(work / "data" / f"long-{seq}.jsonl", seq)
+            if run.endswith("_mixed"):
+                data = write_mixed(work / "data" / "mixed.jsonl")
+            cmd = ["one", run, str(model_dir), str(data), str(seq), str(a.steps), str(work)]
             cmd.append(a.device)
-            r = {"run": run, "shape": shape, "seq": a.seq}
-            r |= child(cmd, logs / f"{run}-{shape}.log", a.timeout)
+            if run.startswith("unsloth"):
+                variant = "qlora_true" if run == "unsloth_qlora" else "bf16_ckpt_true"
+                cmd = [str(ROOT / "bench" / "peers" / "unsloth_bench.py"), str(model_dir),
+                       variant, str(seq), str(a.steps)]  # fmt: skip
+            r = {"run": run, "shape": shape, "seq": seq}
+            r |= child(cmd, logs / f"{run}-{seq}-{shape}.log", a.timeout)
             results.append(r)
             print(json.dumps(r), flush=True)
             with open(out_dir / "gpu_train.jsonl", "a", encoding="utf-8") as f:
@@ -123,8 +150,9 @@ def child(cmd: list[str], log: Path, timeout: int) -> dict:
     t = time.perf_counter()
     with open(log, "w", encoding="utf-8") as f:
         try:
+            script = [] if cmd[0].endswith(".py") else [__file__]
             proc = subprocess.run(
-                [sys.executable, __file__, *cmd], stdout=subprocess.PIPE, stderr=f,
+                [sys.executable, *script, *cmd], stdout=subprocess.PIPE, stderr=f,
                 text=True, env=env, timeout=timeout, check=False,
             )  # fmt: skip
         except subprocess.TimeoutExpired:
@@ -151,19 +179,41 @@ def write_dataset(path: Path, seq: int, n: int = 16) -> Path:
     return path
 
 
+def write_mixed(path: Path, n: int = 96) -> Path:
+    """Alpaca records whose answers have alpaca-like mixed lengths (gpu_fast.mixed_lengths)."""
+    from gpu_fast import mixed_lengths
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(1)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, words in enumerate(mixed_lengths(n)):
+            text = " ".join(rng.choice(WORDS) for _ in range(words))
+            f.write(json.dumps({"instruction": f"Tell story {i}.", "output": text}) + "\n")
+    return path
+
+
 def table(results: list[dict]) -> str:
-    """A compact table; x base = tokens/s relative to the ``peft`` run of the same shape."""
-    base = {r["shape"]: r.get("tok_s") for r in results if r["run"] == "peft"}
-    rows = ["run         shape  seq   step_s   tok/s   x peft  peak GiB  loss", "-" * 66]
+    """A compact table; x peft = tokens/s over the ``peft`` run of the same shape and length
+    (mixed-data rows: real tokens/s over ``peft_mixed``'s)."""
+    base = {(r["shape"], r["seq"]): r.get("tok_s") for r in results if r["run"] == "peft"}
+    mixed = {r["shape"]: r.get("tok_s") for r in results if r["run"] == "peft_mixed"}
+    rows = ["run            shape  seq   step_s   tok/s    x peft  peak GiB  loss", "-" * 70]
     for r in results:
         if "error" in r:
-            rows.append(f"{r['run']:<11} {r['shape']:<6} error: {r['error'][:120]}")
+            rows.append(f"{r['run']:<14} {r['shape']:<6} error: {r['error'][:160]}")
             continue
-        b = base.get(r["shape"])
+        if "tok_s" not in r:  # a check: loss match or profile
+            rows.append(f"{r['run']:<14} {r['shape']:<6} {json.dumps(r)[:400]}")
+            continue
+        b = (
+            mixed.get(r["shape"])
+            if r["run"].endswith("_mixed")
+            else base.get((r["shape"], r["seq"]))
+        )
         ratio = f"{r['tok_s'] / b:.2f}" if b else "-"
         rows.append(
-            f"{r['run']:<11} {r['shape']:<6} {r['seq']:<5} {r['step_s']:<8} {r['tok_s']:<7} "
-            f"{ratio:<7} {r['peak_gib']:<9} {r['loss']}"
+            f"{r['run']:<14} {r['shape']:<6} {r['seq']:<5} {r['step_s']:<8} {r['tok_s']:<8} "
+            f"{ratio:<7} {r['peak_gib']:<9} {r.get('loss')}"
         )
     device = next((r["device"] for r in results if "device" in r), "?")
     return "\n".join([*rows, f"device: {device}"])
@@ -217,8 +267,9 @@ def run_tunesmith(run: str, model_dir: str, data: str, seq: int, steps: int, wor
         "--target_modules", "all-linear", "--per_device_train_batch_size", "1",
         "--gradient_checkpointing", "true", "--learning_rate", "1e-4",
     ]  # fmt: skip
-    if run == "qlora":
-        argv += ["--quantization_bit", "4", "--bnb_4bit_quant_type", "nf4"]
+    argv += TUNESMITH_FLAGS.get(run, [])
+    if run == "lora_mixed":  # packed rows of up to 4096 real tokens, no padding
+        argv[argv.index("--max_length") + 1] = "4096"
     run_dir = sft(parse_args(SftArgs, "tunesmith sft", "bench", argv))
     log = [json.loads(x) for x in (run_dir / "logging.jsonl").read_text().splitlines()]
     log = [r for r in log if "loss" in r]
@@ -226,6 +277,7 @@ def run_tunesmith(run: str, model_dir: str, data: str, seq: int, steps: int, wor
     step_s = [b - a for a, b in zip([0.0, *elapsed], elapsed, strict=False)]
     return {
         "impl": "tunesmith",
+        "argv_extra": TUNESMITH_FLAGS.get(run, []),
         "step_s": median_after_warmup(step_s),
         "log_tok_s": round(statistics.median(r["tokens_per_s"] for r in log[2:] or log), 1),
         "peak_gib": round(max(r["memory_gb"] for r in log), 2),
@@ -243,11 +295,12 @@ def run_peer(run: str, model_dir: str, seq: int, steps: int, device: str) -> dic
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     ckpt = {"use_reentrant": False}
-    if run == "peft":
+    if run in ("peft", "peft_nockpt"):
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
-        model.enable_input_require_grads()
+        if run == "peft":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+            model.enable_input_require_grads()
     else:
         bnb = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -285,6 +338,17 @@ def run_peer(run: str, model_dir: str, seq: int, steps: int, device: str) -> dic
     }
 
 
+def times_to_step(r: dict) -> dict:
+    """Step time (and, with real token counts, real tokens/s) from a helper's step times."""
+    times = r.pop("times")
+    r["step_s"] = median_after_warmup(times)
+    if "real_tokens" in r:
+        real, padded = r.pop("real_tokens")[2:], r.pop("padded_tokens")[2:]
+        r["tok_s"] = round(sum(real) / sum(times[2:]), 1)
+        r["pad_share"] = round(1 - sum(real) / sum(padded), 3)
+    return r
+
+
 def median_after_warmup(times: list[float]) -> float:
     """Median step time, leaving out the first two steps (allocator and kernel warm-up)."""
     return round(statistics.median(times[2:] if len(times) > 2 else times), 4)
@@ -296,11 +360,27 @@ def one(run: str, model_dir: str, data: str, seq: int, steps: int, work: str, de
 
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU (--device cpu checks the plumbing only)")
-    if run in ("lora", "qlora"):
+    import gpu_fast
+
+    if run.startswith("lora") or run == "qlora":
         r = run_tunesmith(run, model_dir, data, seq, steps, work)
+    elif run == "peft_liger":
+        r = times_to_step(gpu_fast.peer_liger(model_dir, seq, steps))
+    elif run == "peft_mixed":
+        r = times_to_step(gpu_fast.peer_mixed(model_dir, data, steps))
+    elif run == "ablation":
+        r = gpu_fast.ablation(model_dir, seq)
+    elif run == "lossmatch":
+        r = gpu_fast.loss_match(model_dir, min(seq, 1024))
+    elif run.startswith("profile"):
+        r = gpu_fast.profile(model_dir, seq, "none" if run == "profile_nofast" else "all")
     else:
         r = run_peer(run, model_dir, seq, steps, device)
-    r["tok_s"] = round(seq / r["step_s"], 1)
+    if "step_s" in r and "tok_s" not in r:
+        r["tok_s"] = round(seq / r["step_s"], 1)
+    if run == "lora_mixed":  # real tokens: tunesmith's log counts the packed rows' tokens
+        r["tok_s"] = r["log_tok_s"]
+    r["peak_gib"] = r.get("peak_gib", round(torch.cuda.max_memory_allocated() / 2**30, 2))
     r["device"] = torch.cuda.get_device_name() if device == "cuda" else device
     import peft
     import transformers

@@ -282,6 +282,18 @@ def cmd_deploy(argv: list[str]) -> int:
     return 0
 
 
+def cmd_estimate(argv: list[str]) -> int:
+    """``tunesmith estimate``: predicted peak GPU memory and tokens/s of an sft run."""
+    from tunesmith.model.estimate import EstimateArgs, estimate, load_shape, render
+
+    args = parse_args(
+        EstimateArgs, "tunesmith estimate", "Predict GPU memory and speed of a run.", argv
+    )
+    shape = load_shape(args)
+    print(render(shape, args, estimate(shape, args)))
+    return 0
+
+
 COMMANDS = {
     "sft": cmd_sft,
     "infer": cmd_infer,
@@ -289,6 +301,7 @@ COMMANDS = {
     "export": cmd_export,
     "eval": cmd_eval,
     "deploy": cmd_deploy,
+    "estimate": cmd_estimate,
 }
 
 USAGE = """usage: tunesmith COMMAND [flags]
@@ -310,6 +323,11 @@ commands:
            tunesmith export --adapters output/v0-.../checkpoint-30 --to gguf --gguf_type q8_0
   deploy   serve models and adapters over the OpenAI API, with a chat page at /
            tunesmith deploy --adapters mybot=output/v0-.../checkpoint-30
+    return 0
+
+
+  estimate predict peak GPU memory and tokens/s of an sft run (reads config.json only)
+           tunesmith estimate --model Qwen/Qwen2.5-7B-Instruct --max_length 2048
 
 `tunesmith COMMAND --help` lists every flag of a command with its default.
 """

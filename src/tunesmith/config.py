@@ -188,6 +188,11 @@ class TrainArgs:
     modules_to_save: list[str] = arg([], "modules trained in full beside the adapter")
     use_rslora: bool = arg(False, "rank-stabilised LoRA scaling (alpha / sqrt(r))")
     use_dora: bool = arg(False, "weight-decomposed LoRA (DoRA)")
+    fast: str = arg(
+        "auto",
+        "fast GPU path parts: auto (all on CUDA, none on CPU), all, none, or a comma list of "
+        "lora,kernels,loss",
+    )
     gradient_checkpointing: bool | None = arg(
         None, "recompute activations in backward to save memory (default: on for GPU)"
     )

@@ -148,7 +148,9 @@ def test_a_nan_loss_stops_with_a_clear_message(
     monkeypatch.setattr(lora, "_ce", poisoned)
     out = tmp_path / "out"
     with pytest.raises(UserError, match=r"loss became nan at step 4.*checkpoint-2"):
-        sft(_args(tiny_model_dir, data, out, "--max_steps", "6", "--save_steps", "2"))
+        # --fast without "loss": the poisoned _ce is the unfused loss path's.
+        sft(_args(tiny_model_dir, data, out, "--max_steps", "6", "--save_steps", "2",
+                  "--fast", "lora,kernels"))  # fmt: skip
     assert [p.name for p in _check_every_listed_checkpoint(out)] == ["checkpoint-2"]
     assert torch.isfinite(
         next(

@@ -74,9 +74,11 @@ class CausalLMLoss(nn.Module):
     Accelerate prepares this module (not the inner model), so DDP/FSDP see the whole forward.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, fused_ce: bool = False) -> None:
         super().__init__()
         self.model = model
+        # A frozen plain-Linear head's loss through model.fast.loss (no logits kept).
+        self.fused_ce = fused_ce
 
     def forward(
         self,
@@ -98,6 +100,11 @@ class CausalLMLoss(nn.Module):
         h = hidden[:, :-1][keep]
         t = targets[keep]
         head = lm.get_output_embeddings()
+        frozen = type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+        if self.fused_ce and frozen:
+            from tunesmith.model.fast.loss import linear_cross_entropy
+
+            return _pack(*linear_cross_entropy(h, head.weight, t), t.numel())
         if h.shape[0] <= LOGIT_CHUNK:
             return _pack(*_ce(head, h, t), t.numel())
         loss = h.new_zeros((), dtype=torch.float32)

@@ -18,6 +18,7 @@ from tunesmith.config import SftArgs, to_dict
 from tunesmith.data.collate import collate, pack
 from tunesmith.data.prepare import Prepared, load_conversations, prepare
 from tunesmith.model import quant
+from tunesmith.model.fast import FastOptions, apply_fast_path
 from tunesmith.model.load import (
     check_model_type,
     load_model,
@@ -68,6 +69,7 @@ def validate(args: SftArgs) -> None:
     if not 0 <= args.warmup_ratio < 1:
         raise UserError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
     quant.check_quantization(quant_options(args), args.train_type == "full")
+    FastOptions.parse(args.fast)  # a bad --fast part is refused here, not after loading
     if args.eval_steps and not (args.val_dataset or args.split_dataset_ratio):
         logger.info(
             "note: --eval_steps is set but there is no validation data; nothing to evaluate"
@@ -158,6 +160,8 @@ class ModelPlan:
     """--attn_impl."""
     gradient_checkpointing: bool | None
     """--gradient_checkpointing (None: on for GPU)."""
+    fast: FastOptions
+    """--fast: which parts of the fast GPU path to switch on."""
 
 
 def build_model(
@@ -196,6 +200,10 @@ def build_model(
             set_peft_model_state_dict(model, load_file(resume / "adapter_model.safetensors"))
         if plan.dtype != torch.float32:  # under autocast; without it peft's input cast is needed
             keep_activation_dtype(model)
+    # After the shared dropout masks: the fused LoRA function leaves layers with a shared mask
+    # to peft's path, so on CPU (fast: auto = none) the measured CPU choices stay as they were.
+    for line in apply_fast_path(model, plan.fast):
+        logger.info(f"fast path: {line}")
     if resume is not None:
         logger.info(f"loaded the weights of {resume}")
     what = "full fine-tuning" if plan.full else f"LoRA r={plan.lora.rank}"
@@ -321,6 +329,7 @@ def setup(
         quant=quant_options(args),
         attn_impl=model_opts.attn_impl,
         gradient_checkpointing=args.gradient_checkpointing,
+        fast=FastOptions.parse(args.fast, cuda=accelerator.device.type == "cuda"),
     )
     model, what = build_model(plan, accelerator.device, resume)
     trainable, total = quant.param_counts(model)
@@ -336,7 +345,7 @@ def setup(
     loader, val_loader = loaders(args, items, data.val, tokenizer.pad_token_id)
     distributed.set_layers_to_shard(accelerator, hf_model(model))
     loss_module, optimizer, loader, val_loader = accelerator.prepare(
-        CausalLMLoss(model), optimizer, loader, val_loader
+        CausalLMLoss(model, fused_ce=plan.fast.loss), optimizer, loader, val_loader
     )
     # FSDP2 replaced the parameters with sharded ones: clip those.
     params = [p for p in loss_module.parameters() if p.requires_grad]

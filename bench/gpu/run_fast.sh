@@ -1,0 +1,15 @@
+#!/bin/bash
+# Issue 17's harness in one device call: bench/gpu_train.py on the 7B shape, runs given as
+# arguments (default: every row of the issue's table). Needs .carry/ from
+# bench/peers/make_carry.sh (site.tgz: Unsloth, Liger, bitsandbytes, peft 0.21.2 ...; tok.tgz).
+# Device tool: command `bash bench/gpu/run_fast.sh [RUN ...]`, carry [".carry"].
+set -o pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+       UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
+tar xzf .carry/site.tgz -C /tmp && tar xzf .carry/tok.tgz -C /tmp || exit 1
+export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+RUNS=${*:-peft lora qlora peft_qlora peft_liger lora_nofast lora_nockpt peft_nockpt peft@8192 \
+  lora@8192 peft_mixed lora_mixed lossmatch unsloth unsloth_qlora unsloth@8192}
+python3 bench/gpu_train.py --tokenizer /tmp/tok --shapes 7b --steps 8 --timeout 240 \
+  --work /tmp/w --runs $RUNS 2>&1 | grep -v "Loading weights" | tee $OUT/harness.log

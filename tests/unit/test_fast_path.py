@@ -1,0 +1,166 @@
+"""The fast GPU path's pieces against plain PyTorch / peft, on the CPU (CI has no GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from tunesmith.model.fast import FastOptions, apply_fast_path
+from tunesmith.model.fast.lora_fused import lora_linear, patch_lora_layers
+from tunesmith.model.fast.loss import linear_cross_entropy
+from tunesmith.model.lora import CausalLMLoss, lora_config
+from tunesmith.utils import UserError
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_linear_matches_autograd_reference(bias: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    b = torch.randn(12, generator=g, dtype=torch.float64) if bias else None
+    a = torch.randn(4, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    bb = torch.randn(12, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 5, 12, generator=g, dtype=torch.float64)
+
+    ref = x @ w.t() + (0 if b is None else b) + 2.5 * (x @ a.t()) @ bb.t()
+    ref_grads = torch.autograd.grad(ref, (x, a, bb), dy)
+    out = lora_linear(x, w, b, a, bb, 2.5)
+    grads = torch.autograd.grad(out, (x, a, bb), dy)
+    assert _rel(out, ref) < 1e-12
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.shape == want.shape and _rel(got, want) < 1e-12
+
+
+def test_lora_linear_bf16_activations_fp32_adapter() -> None:
+    """bf16 activations with fp32 master adapter weights: bf16 math, fp32 gradients back."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 32, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(48, 32, generator=g).bfloat16()
+    a = torch.randn(8, 32, generator=g, requires_grad=True)
+    bb = torch.randn(48, 8, generator=g, requires_grad=True)
+    out = lora_linear(x, w, None, a, bb, 4.0)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert a.grad is not None and a.grad.dtype == torch.float32
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, bb))
+    ref = x64 @ w.double().t() + 4.0 * (x64 @ a64.t()) @ b64.t()
+    ref.square().sum().backward()
+    assert _rel(out, ref) < 1e-2
+    assert _rel(a.grad, a64.grad) < 2e-2 and _rel(bb.grad, b64.grad) < 2e-2
+    assert _rel(x.grad, x64.grad) < 2e-2
+
+
+def test_linear_cross_entropy_matches_torch() -> None:
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(37, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 50, (37,), generator=g)
+    logits = h @ w.t()
+    ref = F.cross_entropy(logits, t, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref * 0.7, h)
+    # Several chunks, a ragged last one; the logits are reduced in fp32 (as the GPU path does).
+    loss, correct = linear_cross_entropy(h, w, t, chunk=8)
+    (grad,) = torch.autograd.grad(loss * 0.7, h)
+    assert abs(loss.item() - ref.item()) < 1e-6 * abs(ref.item())
+    assert int(correct) == int((logits.argmax(-1) == t).sum())
+    assert _rel(grad, ref_grad) < 1e-6
+    with torch.no_grad():  # evaluation: no gradient is formed
+        assert float(linear_cross_entropy(h, w, t, chunk=8)[0]) == float(loss)
+
+
+def test_linear_cross_entropy_refuses_a_trained_head() -> None:
+    with pytest.raises(ValueError, match="frozen"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4, requires_grad=True),
+                             torch.zeros(3, dtype=torch.long))  # fmt: skip
+
+
+def _tiny_peft(seed: int = 0, dropout: float = 0.0):
+    from peft import get_peft_model
+
+    cfg = Qwen2Config(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    peft_cfg = lora_config(rank=4, alpha=16, dropout=dropout, target_modules=["all-linear"],
+                           modules_to_save=[], use_rslora=False, use_dora=False)  # fmt: skip
+    model = get_peft_model(model, peft_cfg)
+    for name, p in model.named_parameters():  # B starts at zero: make the adapter matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _loss_and_grads(model, fused_ce: bool):
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 300, (2, 24), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100  # prompt positions carry no loss
+    loss, n, correct = CausalLMLoss(model, fused_ce=fused_ce)(input_ids=ids, labels=labels)
+    (loss / n).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), int(correct), grads
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_fast_path_matches_peft_on_a_tiny_qwen2(ckpt: bool) -> None:
+    """Same loss, correct count and LoRA gradients as peft's own forward (fp32, CPU)."""
+    ref = _loss_and_grads(_tiny_peft(), fused_ce=False)
+    model = _tiny_peft()
+    if ckpt:  # as sft() sets it up on a GPU: each layer recomputed in backward
+        kwargs = {"use_reentrant": False}
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.train()
+    done = apply_fast_path(model, FastOptions())
+    assert done[0] == "fused LoRA on 14/14 layers"  # 7 projections x 2 layers
+    got = _loss_and_grads(model, fused_ce=True)
+    assert abs(got[0] - ref[0]) < 1e-5 * abs(ref[0])
+    assert got[1] == ref[1]
+    assert got[2].keys() == ref[2].keys() and len(got[2]) == 28
+    for k, want in ref[2].items():
+        assert _rel(got[2][k], want) < 1e-5, k
+
+
+def test_lora_linear_dropout_matches_reference_with_the_same_mask() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, 16, generator=g, dtype=torch.float64)
+    a = torch.randn(4, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    bb = torch.randn(10, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(6, 16, generator=g) >= 0.3
+    dy = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    ref = x @ w.t() + 2.0 * ((x * keep / 0.7) @ a.t()) @ bb.t()
+    ref_grads = torch.autograd.grad(ref, (x, a, bb), dy)
+    out = lora_linear(x, w, None, a, bb, 2.0, dropout=0.3, keep=keep)
+    grads = torch.autograd.grad(out, (x, a, bb), dy)
+    assert _rel(out, ref) < 1e-12
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert _rel(got, want) < 1e-12
+
+
+def test_dropout_layers_are_fused_and_dropout_is_off_in_eval() -> None:
+    model = _tiny_peft(dropout=0.1)
+    assert patch_lora_layers(model) == (14, 14)
+    ids = torch.randint(0, 300, (1, 12))
+    model.eval()  # no dropout: the fused layers give peft's output
+    fused = model(input_ids=ids).logits
+    ref = _tiny_peft(dropout=0.1).eval()(input_ids=ids).logits
+    assert _rel(fused, ref) < 1e-5
+    model.train()  # dropout on: outputs differ between calls
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_fast_options_parse() -> None:
+    assert FastOptions.parse("all") == FastOptions()
+    assert FastOptions.parse("none") == FastOptions(lora=False, kernels=False, loss=False)
+    assert FastOptions.parse("lora, loss") == FastOptions(lora=True, kernels=False, loss=True)
+    with pytest.raises(UserError, match="unknown part 'fused'"):
+        FastOptions.parse("lora,fused")
