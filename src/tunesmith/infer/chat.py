@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 import torch
@@ -21,23 +22,28 @@ Reply = Callable[[list[dict[str, str]], TextIO | None], str]
 ReplyMany = Callable[[list[list[dict[str, str]]]], list[str]] | None
 
 
-def infer(args: InferCommandArgs) -> None:
-    """Chat in the terminal, answer each line of piped stdin, or answer ``--val_dataset``."""
+def infer(args: InferCommandArgs) -> Path | None:
+    """Chat in the terminal, answer each line of piped stdin, or answer ``--val_dataset``
+    (then returns the written result file)."""
     prompts = None
     if args.val_dataset:  # bad data is reported before the slow model load
         from tunesmith.infer.batch import load_prompts
 
         prompts = load_prompts(args.val_dataset, args.use_hf, args.seed)
-    engine, reply, reply_many = (
-        _vllm_backend(args) if args.infer_backend == "vllm" else _pt_backend(args)
-    )
+    engine, reply, reply_many = load_backend(args)
     if prompts is not None:
         from tunesmith.infer.batch import infer_dataset
 
-        infer_dataset(engine, args, generation_kwargs(args, engine.tokenizer), prompts,
+        return infer_dataset(engine, args, generation_kwargs(args, engine.tokenizer), prompts,
                       answer_many=reply_many)  # fmt: skip
         return
     chat(reply, engine.system, args.stream)
+    return None
+
+
+def load_backend(args: InferCommandArgs) -> tuple[Any, Reply, ReplyMany]:
+    """(engine, one answer, many answers) of ``--infer_backend``; the engine has ``system``."""
+    return _vllm_backend(args) if args.infer_backend == "vllm" else _pt_backend(args)
 
 
 def _pt_backend(args: InferCommandArgs) -> tuple[Any, Reply, ReplyMany]:
