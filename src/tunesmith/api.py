@@ -27,7 +27,17 @@ from tunesmith.utils import UserError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["Run", "UserError", "data", "export", "infer", "infer_stream", "load", "sft"]
+__all__ = [
+    "DataReport",
+    "Run",
+    "UserError",
+    "data",
+    "export",
+    "infer",
+    "infer_stream",
+    "load",
+    "sft",
+]
 
 TRUE = {"true", "1", "yes", "y", "on"}
 FALSE = {"false", "0", "no", "n", "off"}
@@ -260,13 +270,48 @@ def infer_stream(query: str, **flags: Any) -> Iterator[str]:
         raise failed[0]
 
 
-def data(**flags: Any) -> str:
-    """Check a dataset and return the report ``tunesmith data`` prints (statistics and a
-    preview with trained tokens ``[[bracketed]]``; ``color="always"`` for terminal colours)."""
-    from tunesmith.train.data_check import data_command
+@dataclass
+class DataReport:
+    """What ``tunesmith data`` found in a dataset, as numbers and as the printed text."""
+
+    text: str
+    """The report ``tunesmith data`` prints (trained tokens ``[[bracketed]]`` by default)."""
+    train_samples: int
+    """Training samples after tokenization (too-long or loss-free ones dropped)."""
+    val_samples: int
+    """Validation samples."""
+    lengths: list[int]
+    """Tokens of each training sample."""
+    trained_tokens: int
+    """Training tokens that carry loss."""
+    by_source: dict[str, dict[str, int]]
+    """--dataset value -> the records and tokens it contributed."""
+    dropped: dict[str, int]
+    """Samples deleted or truncated for --max_length, and dropped with nothing to learn."""
+    notes: list[str]
+    """Remarks such as skipped bad records (``strict=False``)."""
+
+
+def data(**flags: Any) -> DataReport:
+    """Check a dataset as ``tunesmith data`` does (its flags: ``dataset``, ``model``,
+    ``max_length``, …); returns the statistics and the printed report. ``color`` defaults to
+    ``never`` here (``always`` for terminal colours)."""
+    from tunesmith.train.data_check import check_data, data_command
 
     flags.setdefault("color", "never")
-    return data_command(make_args(DataCommandArgs, "tunesmith data", flags))
+    args = make_args(DataCommandArgs, "tunesmith data", flags)
+    tokenizer, prepared = check_data(args)
+    st = prepared.stats
+    return DataReport(
+        text=data_command(args, (tokenizer, prepared)),
+        train_samples=len(prepared.train),
+        val_samples=len(prepared.val),
+        lengths=[len(s.input_ids) for s in prepared.train],
+        trained_tokens=sum(s.n_trained for s in prepared.train),
+        by_source=prepared.by_source,
+        dropped={"deleted": st.deleted, "truncated": st.truncated, "no_labels": st.no_labels},
+        notes=list(prepared.notes),
+    )
 
 
 def export(**flags: Any) -> Path:

@@ -49,10 +49,16 @@ def test_choices_types_and_todo_are_checked_as_in_the_cli() -> None:
     assert args.max_steps == -1  # the CLI's default
 
 
-def test_data_returns_the_report(tiny_model_dir: Path, tmp_path: Path) -> None:
-    report = api.data(model=str(tiny_model_dir), dataset=[str(write_data(tmp_path / "d.jsonl"))])
-    assert "samples: 8 train" in report
-    assert "[[" in report  # trained tokens marked, no terminal colours
+def test_data_returns_the_report_as_numbers_and_text(tiny_model_dir: Path, tmp_path: Path) -> None:
+    path = write_data(tmp_path / "d.jsonl")
+    report = api.data(model=str(tiny_model_dir), dataset=[str(path)], max_length=64)
+    assert report.train_samples == 8 and report.val_samples == 0
+    assert len(report.lengths) == 8 and 0 < report.trained_tokens < sum(report.lengths)
+    assert report.by_source[str(path)]["records"] == 8
+    assert report.dropped == {"deleted": 0, "truncated": 0, "no_labels": 0}
+    assert "samples: 8 train" in report.text and "[[" in report.text  # no terminal colours
+    with pytest.raises(api.UserError, match="no training data"):
+        api.data(model=str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
