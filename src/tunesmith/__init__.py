@@ -11,7 +11,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 # Loaded on first use (module __getattr__): `import tunesmith` does not import torch.
-_API = ("sft", "load", "Run", "UserError", "infer_stream")
+_API = ("sft", "load", "infer_stream", "Run", "DataReport", "UserError", "Interrupted")
 
 
 def __getattr__(name: str) -> Any:

@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunesmith.config import DataCommandArgs, ExportArgs, InferCommandArgs, SftArgs
-from tunesmith.utils import UserError
+from tunesmith.utils import Interrupted, UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "DataReport",
+    "Interrupted",
     "Run",
     "UserError",
     "data",

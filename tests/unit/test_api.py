@@ -28,7 +28,7 @@ def test_import_tunesmith_stays_light() -> None:
                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin"})  # fmt: skip
     # Before a function is touched torch is not imported; touching sft loads only the API.
     assert out.stdout.split()[0] == "False"
-    assert tunesmith.UserError is api.UserError
+    assert tunesmith.UserError is api.UserError and tunesmith.Interrupted is api.Interrupted
 
 
 def test_unknown_keyword_is_one_sentence_with_the_nearest_flag() -> None:
