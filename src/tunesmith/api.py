@@ -207,13 +207,15 @@ def _backend(flags: dict[str, Any]) -> tuple[Any, Any]:
     return engine, reply
 
 
-def infer(queries: list[str] | None = None, **flags: Any) -> list[str] | Path:
+def infer(
+    queries: list[str] | None = None, *, progress: bool = True, **flags: Any
+) -> list[str] | Path:
     """Answer each of ``queries`` (one independent conversation each) with a model or a
     checkpoint, as ``tunesmith infer``; returns the answers in order.
 
     ``flags`` are those of ``tunesmith infer --help`` (``adapters``, ``model``,
     ``max_new_tokens``, ``temperature``, …). Without ``queries``, ``val_dataset=[...]`` runs
-    batch inference and returns the written ``result_path``.
+    batch inference and returns the written ``result_path`` (``progress=False``: no bar).
     """
     from tunesmith.infer.engine import chat_messages
 
@@ -223,7 +225,7 @@ def infer(queries: list[str] | None = None, **flags: Any) -> list[str] | Path:
         args = make_args(InferCommandArgs, "tunesmith infer", flags)
         if not args.val_dataset:
             raise UserError("tunesmith infer: pass queries=[...] or val_dataset=[...]")
-        return run_infer(args)
+        return run_infer(args, progress)
     if isinstance(queries, str):
         queries = [queries]
     engine, reply = _backend(flags)

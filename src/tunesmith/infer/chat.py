@@ -22,9 +22,9 @@ Reply = Callable[[list[dict[str, str]], TextIO | None], str]
 ReplyMany = Callable[[list[list[dict[str, str]]]], list[str]] | None
 
 
-def infer(args: InferCommandArgs) -> Path | None:
+def infer(args: InferCommandArgs, progress: bool = True) -> Path | None:
     """Chat in the terminal, answer each line of piped stdin, or answer ``--val_dataset``
-    (then returns the written result file)."""
+    (then returns the written result file; ``progress``: its progress bar)."""
     prompts = None
     if args.val_dataset:  # bad data is reported before the slow model load
         from tunesmith.infer.batch import load_prompts
@@ -35,8 +35,7 @@ def infer(args: InferCommandArgs) -> Path | None:
         from tunesmith.infer.batch import infer_dataset
 
         return infer_dataset(engine, args, generation_kwargs(args, engine.tokenizer), prompts,
-                      answer_many=reply_many)  # fmt: skip
-        return
+                             progress, answer_many=reply_many)  # fmt: skip
     chat(reply, engine.system, args.stream)
     return None
 

@@ -274,8 +274,15 @@ class Run:
     """``logging.jsonl`` (main process only)."""
 
 
-def setup(args: SftArgs, model_opts: ModelOptions, run_dir: Path, resume: Path | None) -> Run:
-    """Data, model, optimizer, schedule and loaders, prepared by a fresh Accelerator."""
+def setup(
+    args: SftArgs,
+    model_opts: ModelOptions,
+    run_dir: Path,
+    resume: Path | None,
+    progress: bool = True,
+) -> Run:
+    """Data, model, optimizer, schedule and loaders, prepared by a fresh Accelerator
+    (``progress``: show the tokenization bar on the main process)."""
     from accelerate import PartialState
 
     trackers = check_trackers(args.report_to)
@@ -286,7 +293,7 @@ def setup(args: SftArgs, model_opts: ModelOptions, run_dir: Path, resume: Path |
     template = template_options(args)
     data_opts = data_options(args, use_hf=model_opts.use_hf)
     model_dir, tokenizer, data = load_data(
-        data_opts, template, model_opts, accelerator.is_main_process
+        data_opts, template, model_opts, progress and accelerator.is_main_process
     )
     items = train_items(
         data.train, template.max_length, args.packing, args.per_device_train_batch_size

@@ -59,7 +59,7 @@ class Position:
 
 def sft(args: SftArgs, progress: bool = True) -> Path:
     """Fine-tune ``args.model`` (default: ``demo``) on ``args.dataset``; returns the run
-    directory. ``args`` is only read; ``progress=False`` hides the progress bar."""
+    directory. ``args`` is only read; ``progress=False`` hides the progress bars."""
     validate(args)
     seed_everything(args.seed)
     model = model_options(args, default_model="demo")
@@ -71,7 +71,7 @@ def sft(args: SftArgs, progress: bool = True) -> Path:
     run_dir = (
         resume.parent if exact_resume else new_run_dir(Path(args.output_dir), args.add_version)
     )
-    run = setup(args, model, run_dir, resume)
+    run = setup(args, model, run_dir, resume, progress)
     pos = Position()
     if exact_resume:
         assert resume is not None
