@@ -142,3 +142,19 @@ def test_seed002_example_runs_on_the_tiny_model(isolated_torch, tiny_model_dir, 
                              "--output_dir", str(tmp_path)])  # fmt: skip
     assert isinstance(answer, str)
     assert len(list((tmp_path / "output").glob("v*/checkpoint-2"))) == 1
+
+
+@pytest.mark.slow
+def test_load_a_full_fine_tuning_run(isolated_torch, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import pipeline
+
+    run = tunesmith.sft(model=str(tiny_model_dir), dataset=[str(write_data(tmp_path / "d.jsonl"))],
+                        train_type="full", max_steps=2, torch_dtype="float32", report_to="none",
+                        output_dir=str(tmp_path / "out"), progress=False)  # fmt: skip
+    assert run.last_checkpoint == run.run_dir / "checkpoint-2" and run.best_checkpoint is None
+    model, tokenizer = tunesmith.load(run.run_dir)
+    assert not hasattr(model, "merge_and_unload")  # a whole model, no adapter
+    out = pipeline("text-generation", model=model, tokenizer=tokenizer)(
+        [{"role": "user", "content": "Echo 1."}], max_new_tokens=3, do_sample=False
+    )
+    assert out[0]["generated_text"][-1]["role"] == "assistant"
