@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import queue
 import threading
 import types
@@ -66,6 +67,7 @@ def unwrap(tp: Any) -> tuple[Any, bool]:
 
 
 def flag_names(cls: type) -> list[str]:
+    """Every flag name of ``cls``, aliases included (without the dashes)."""
     names = []
     for f in dataclasses.fields(cls):
         names.append(f.name)
@@ -74,12 +76,14 @@ def flag_names(cls: type) -> list[str]:
 
 
 def nearest(name: str, cls: type) -> str:
+    """``"; did you mean --flag?"`` for the flag of ``cls`` closest to ``name`` ("" if none)."""
     close = difflib.get_close_matches(name.lstrip("-"), flag_names(cls), n=1, cutoff=0.5)
     return f"; did you mean --{close[0]}?" if close else ""
 
 
 def coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
-    """Convert YAML values (which may be strings or scalars) to the fields' types."""
+    """Convert ``--config`` YAML values or keyword arguments (strings or scalars) to the
+    fields' types, and check choices; ``source`` starts each error message."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     out = {}
@@ -128,11 +132,18 @@ def make_args(cls: type, prog: str, values: dict[str, Any]) -> Any:
     checked as a ``--config`` file is: unknown names, types, choices, not-yet-implemented."""
     aliases = {a: f.name for f in dataclasses.fields(cls) for a in f.metadata.get("aliases", ())}
     valid = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     named: dict[str, Any] = {}
     for key, value in values.items():
         name = aliases.get(key, key)
         if name not in valid:
             raise UserError(f"{prog}: unknown argument '--{key}'{nearest(key, cls)}")
+        if typing.get_origin(unwrap(hints[name])[0]) is list:
+            # One path is one item (a YAML string is split on spaces; a Python one is not).
+            if isinstance(value, str | os.PathLike):
+                value = [value]
+            elif isinstance(value, tuple):
+                value = list(value)
         named[name] = value
     args = cls(**coerce(cls, named, prog))
     check_todo(args, cls)

@@ -51,6 +51,8 @@ def test_choices_types_and_todo_are_checked_as_in_the_cli() -> None:
         tunesmith.sft(deepspeed="ds.json")
     args = api.make_args(api.SftArgs, "tunesmith sft", {"dataset": "a.jsonl", "tuner_type": "full"})
     assert args.dataset == ["a.jsonl"] and args.train_type == "full"
+    args = api.make_args(api.SftArgs, "tunesmith sft", {"dataset": Path("my data.jsonl")})
+    assert args.dataset == ["my data.jsonl"]  # one path, spaces and all
     assert args.max_steps == -1  # the CLI's default
 
 
