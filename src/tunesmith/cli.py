@@ -12,12 +12,12 @@ import dataclasses
 import difflib
 import os
 import sys
-import types
 import typing
 import warnings
 from pathlib import Path
 from typing import Any
 
+from tunesmith.api import check_todo, coerce, nearest, str2bool, unwrap
 from tunesmith.config import (
     DataCommandArgs,
     DeployArgs,
@@ -28,21 +28,6 @@ from tunesmith.config import (
 )
 from tunesmith.utils import Interrupted, UserError, logger, setup_logging
 
-TRUE = {"true", "1", "yes", "y", "on"}
-FALSE = {"false", "0", "no", "n", "off"}
-
-
-def str2bool(value: str | bool) -> bool:
-    """Parse ms-swift style booleans: ``true``/``false`` (also 1/0, yes/no)."""
-    if isinstance(value, bool):
-        return value
-    low = str(value).strip().lower()
-    if low in TRUE:
-        return True
-    if low in FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
 
 def _none_or(conv: Any) -> Any:
     def parse(value: str) -> Any:
@@ -52,17 +37,8 @@ def _none_or(conv: Any) -> Any:
     return parse
 
 
-def _unwrap(tp: Any) -> tuple[Any, bool]:
-    """``int | None`` -> (int, True); ``list[str]`` -> (list[str], False)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return inner[0], True
-    return tp, False
-
-
 def _flag_spec(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
-    tp, optional = _unwrap(tp)
+    tp, optional = unwrap(tp)
     meta = f.metadata
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     spec: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
@@ -109,19 +85,6 @@ def build_parser(cls: type, prog: str, description: str) -> _Parser:
     return parser
 
 
-def _flag_names(cls: type) -> list[str]:
-    names = []
-    for f in dataclasses.fields(cls):
-        names.append(f.name)
-        names.extend(f.metadata.get("aliases", ()))
-    return names
-
-
-def _nearest(name: str, cls: type) -> str:
-    close = difflib.get_close_matches(name.lstrip("-"), _flag_names(cls), n=1, cutoff=0.5)
-    return f"; did you mean --{close[0]}?" if close else ""
-
-
 def _load_yaml(path: str, cls: type) -> dict[str, Any]:
     import yaml
 
@@ -140,38 +103,8 @@ def _load_yaml(path: str, cls: type) -> dict[str, Any]:
     for key, value in data.items():
         key = aliases.get(key, key)
         if key not in valid:
-            raise UserError(f"{path}: unknown key '{key}'{_nearest(key, cls)}")
+            raise UserError(f"{path}: unknown key '{key}'{nearest(key, cls)}")
         out[key] = value
-    return out
-
-
-def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
-    """Convert YAML values (which may be strings or scalars) to the fields' types."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
-    for key, value in values.items():
-        tp, optional = _unwrap(hints[key])
-        try:
-            if value is None and optional:
-                out[key] = None
-            elif typing.get_origin(tp) is list:
-                out[key] = (
-                    [str(v) for v in value] if isinstance(value, list) else str(value).split()
-                )
-            elif tp is bool:
-                out[key] = str2bool(value)
-            elif tp is int and (
-                isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())
-            ):
-                raise ValueError(f"expected a whole number, got {value!r}")
-            else:
-                out[key] = tp(value)
-        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
-            raise UserError(f"{source}: {key}: {e}") from None
-        choices = fields[key].metadata.get("choices")
-        if choices and out[key] not in choices:
-            raise UserError(f"{source}: {key}: expected one of {', '.join(choices)}")
     return out
 
 
@@ -181,30 +114,15 @@ def parse_args(cls: type, prog: str, description: str, argv: list[str]) -> Any:
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
         bad = next((u for u in unknown if u.startswith("-")), unknown[0])
-        hint = _nearest(bad, cls) if bad.startswith("-") else ""
+        hint = nearest(bad, cls) if bad.startswith("-") else ""
         raise UserError(f"{prog}: unknown argument '{bad}'{hint}")
     values: dict[str, Any] = {}
     if getattr(ns, "config", None):
-        values.update(_coerce(cls, _load_yaml(ns.config, cls), ns.config))
+        values.update(coerce(cls, _load_yaml(ns.config, cls), ns.config))
     values.update({k: v for k, v in vars(ns).items() if k != "config"})
     args = cls(**values)
-    _check_todo(args, cls)
+    check_todo(args, cls)
     return args
-
-
-def _check_todo(args: Any, cls: type) -> None:
-    """Refuse flags that are accepted for compatibility but not implemented yet."""
-    for f in dataclasses.fields(cls):
-        todo = f.metadata.get("todo")
-        if not todo:
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        value = getattr(args, f.name)
-        if value != default:
-            raise UserError(
-                f"--{f.name} is not implemented yet in this version of tunesmith (planned: "
-                f"{todo}); remove it to continue"
-            )
 
 
 def cmd_sft(argv: list[str]) -> int:

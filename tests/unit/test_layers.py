@@ -20,8 +20,9 @@ SRC = Path(tunesmith.__file__).resolve().parent
 # import itself and any part of a lower layer, nothing else. `eval` reuses infer's batch
 # inference; `serve` exposes infer and eval over HTTP.
 LAYERS: dict[str, int] = {
-    "__main__": 8,
-    "cli": 7,
+    "__main__": 9,
+    "cli": 8,
+    "api": 7,  # tunesmith.sft() etc.: the commands as Python functions, below the CLI
     "serve": 6,
     "eval": 5,
     "train": 4,
@@ -36,6 +37,9 @@ LAYERS: dict[str, int] = {
 }
 # Parts of one layer that may import each other, importer -> imported.
 SAME_LAYER_ALLOWED = {("options", "config")}
+# The package re-exports the Python API lazily (module __getattr__), so `import tunesmith`
+# stays light; that one import points upwards by design.
+SAME_LAYER_ALLOWED.add(("", "api"))
 
 
 def part_of(module: str) -> str:
@@ -115,4 +119,4 @@ def test_the_checker_sees_lazy_relative_and_upward_imports(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("part", ["eval", "serve"])
 def test_planned_packages_have_a_layer(part: str) -> None:
-    assert LAYERS["infer"] < LAYERS[part] < LAYERS["cli"]
+    assert LAYERS["infer"] < LAYERS[part] < LAYERS["api"] < LAYERS["cli"]

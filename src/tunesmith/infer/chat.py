@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 import torch
@@ -22,25 +23,32 @@ Reply = Callable[[list[dict[str, str]], TextIO | None], str]
 ReplyMany = Callable[[list[list[dict[str, str]]]], list[str]] | None
 
 
-def infer(args: InferCommandArgs) -> None:
-    """Chat in the terminal, answer each line of piped stdin, or answer ``--val_dataset``."""
+def infer(args: InferCommandArgs, progress: bool = True) -> Path | None:
+    """Chat in the terminal, answer each line of piped stdin, or answer ``--val_dataset``
+    (then returns the written result file; ``progress``: its progress bar)."""
     prompts = None
     if args.val_dataset:  # bad data is reported before the slow model load
         from tunesmith.infer.batch import load_prompts
 
         prompts = load_prompts(args.val_dataset, args.use_hf, args.seed)
-    from tunesmith.infer.llamacpp_backend import choose_backend
-
-    backends = {"pt": _pt_backend, "vllm": _vllm_backend, "llamacpp": _llamacpp_backend}
-    args.infer_backend = choose_backend(args)
-    engine, reply, reply_many = backends[args.infer_backend](args)
+    engine, reply, reply_many = load_backend(args)
     if prompts is not None:
         from tunesmith.infer.batch import infer_dataset
 
         gen = generation_kwargs(args, engine.tokenizer) if reply_many is None else {}
-        infer_dataset(engine, args, gen, prompts, answer_many=reply_many)
-        return
+        return infer_dataset(engine, args, gen, prompts, progress, answer_many=reply_many)
     chat(reply, engine.system, args.stream)
+    return None
+
+
+def load_backend(args: InferCommandArgs) -> tuple[Any, Reply, ReplyMany]:
+    """(engine, one answer, many answers) of ``--infer_backend`` (``auto`` resolved in place:
+    ``args.infer_backend`` then names the backend used); the engine has ``system``."""
+    from tunesmith.infer.llamacpp_backend import choose_backend
+
+    backends = {"pt": _pt_backend, "vllm": _vllm_backend, "llamacpp": _llamacpp_backend}
+    args.infer_backend = choose_backend(args)
+    return backends[args.infer_backend](args)
 
 
 def _pt_backend(args: InferCommandArgs) -> tuple[Any, Reply, ReplyMany]:

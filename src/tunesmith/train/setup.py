@@ -300,9 +300,15 @@ class Run:
 
 
 def setup(
-    args: SftArgs, model_opts: ModelOptions, run_dir: Path, resume: Path | None, strategy: Strategy
+    args: SftArgs,
+    model_opts: ModelOptions,
+    run_dir: Path,
+    resume: Path | None,
+    strategy: Strategy,
+    progress: bool = True,
 ) -> Run:
-    """Data, model, optimizer, schedule and loaders, prepared by a fresh Accelerator."""
+    """Data, model, optimizer, schedule and loaders, prepared by a fresh Accelerator
+    (``progress``: show the tokenization bar on the main process)."""
     from accelerate import PartialState
 
     trackers = check_trackers(args.report_to)
@@ -316,7 +322,7 @@ def setup(
     # others then read the cache instead of writing it too.
     with accelerator.local_main_process_first():
         model_dir, tokenizer, data = load_data(
-            data_opts, template, model_opts, accelerator.is_main_process
+            data_opts, template, model_opts, progress and accelerator.is_main_process
         )
     items = train_items(
         data.train, template.max_length, args.packing, args.per_device_train_batch_size

@@ -59,9 +59,9 @@ class Position:
     """The newest checkpoint saved."""
 
 
-def sft(args: SftArgs) -> Path:
+def sft(args: SftArgs, progress: bool = True) -> Path:
     """Fine-tune ``args.model`` (default: ``demo``) on ``args.dataset``; returns the run
-    directory. ``args`` is only read."""
+    directory. ``args`` is only read; ``progress=False`` hides the progress bars."""
     validate(args)
     strategy = parse_strategy(args.fsdp, args.deepspeed, args.quantization_bit)
     check_resume(strategy, args.resume_from_checkpoint, args.resume_only_model)
@@ -77,7 +77,7 @@ def sft(args: SftArgs) -> Path:
     run_dir = distributed.agree(  # named from the clock: rank 0's name for every process
         resume.parent if exact_resume else new_run_dir(Path(args.output_dir), args.add_version)
     )
-    run = setup(args, model, run_dir, resume, strategy)
+    run = setup(args, model, run_dir, resume, strategy, progress)
     pos = Position()
     if exact_resume:
         assert resume is not None
@@ -94,12 +94,12 @@ def sft(args: SftArgs) -> Path:
         run.resume = resume
     open_run_dir(run, exact_resume, pos.step)
     best = BestTracker(args.metric_for_best_model, args.early_stop_interval)
-    train_loop(run, pos, best)
+    train_loop(run, pos, best, progress)
     finish(run, pos, best)
     return run_dir
 
 
-def train_loop(run: Run, pos: Position, best: BestTracker) -> None:
+def train_loop(run: Run, pos: Position, best: BestTracker, progress: bool = True) -> None:
     """Optimizer steps until the last one, an early stop, or a stop signal (which saves and
     raises ``Interrupted``)."""
     total = run.sched.total_steps
@@ -108,7 +108,7 @@ def train_loop(run: Run, pos: Position, best: BestTracker) -> None:
         torch.cuda.reset_peak_memory_stats()
     pos.first_step, pos.t0 = pos.step, time.perf_counter()
     pos.window = new_window(pos.t0)
-    bar = progress_bar(pos.step, total, run.accelerator.is_main_process)
+    bar = progress_bar(pos.step, total, progress and run.accelerator.is_main_process)
     stop = StopRequest.install()
     try:
         while pos.step < total:
