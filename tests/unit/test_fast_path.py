@@ -11,6 +11,7 @@ from tunesmith.model.fast import FastOptions, apply_fast_path
 from tunesmith.model.fast.lora_fused import lora_linear, patch_lora_layers
 from tunesmith.model.fast.loss import linear_cross_entropy
 from tunesmith.model.lora import CausalLMLoss, lora_config
+from tunesmith.options import LoraOptions
 from tunesmith.utils import UserError
 
 
@@ -90,8 +91,7 @@ def _tiny_peft(seed: int = 0, dropout: float = 0.0):
     )  # fmt: skip
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg)
-    peft_cfg = lora_config(rank=4, alpha=16, dropout=dropout, target_modules=["all-linear"],
-                           modules_to_save=[], use_rslora=False, use_dora=False)  # fmt: skip
+    peft_cfg = lora_config(LoraOptions(rank=4, alpha=16, dropout=dropout))
     model = get_peft_model(model, peft_cfg)
     for name, p in model.named_parameters():  # B starts at zero: make the adapter matter
         if "lora_B" in name:
