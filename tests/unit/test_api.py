@@ -42,12 +42,13 @@ def test_unknown_keyword_is_the_clis_sentence_with_the_nearest_flag(capsys) -> N
     assert capsys.readouterr().err.strip() == f"error: {expected}"
 
 
-def test_choices_types_and_todo_are_checked_as_in_the_cli() -> None:
+def test_choices_types_and_strategy_are_checked_as_in_the_cli() -> None:
     with pytest.raises(api.UserError, match="torch_dtype: expected one of auto"):
         tunesmith.sft(torch_dtype="float8")
     with pytest.raises(api.UserError, match="max_steps"):
         tunesmith.sft(max_steps="many")
-    with pytest.raises(api.UserError, match="--deepspeed is not implemented yet"):
+    # The CLI's strategy check, before anything is loaded or written.
+    with pytest.raises(api.UserError, match="--deepspeed ds.json: expected zero2, zero3"):
         tunesmith.sft(deepspeed="ds.json")
     args = api.make_args(api.SftArgs, "tunesmith sft", {"dataset": "a.jsonl", "tuner_type": "full"})
     assert args.dataset == ["a.jsonl"] and args.train_type == "full"
