@@ -48,7 +48,7 @@ def test_choices_types_and_strategy_are_checked_as_in_the_cli() -> None:
     with pytest.raises(api.UserError, match="max_steps"):
         tunesmith.sft(max_steps="many")
     # The CLI's strategy check, before anything is loaded or written.
-    with pytest.raises(api.UserError, match="--deepspeed ds.json: expected zero2, zero3"):
+    with pytest.raises(api.UserError, match=r"--deepspeed ds\.json: expected zero2, zero3"):
         tunesmith.sft(deepspeed="ds.json")
     args = api.make_args(api.SftArgs, "tunesmith sft", {"dataset": "a.jsonl", "tuner_type": "full"})
     assert args.dataset == ["a.jsonl"] and args.train_type == "full"
