@@ -27,6 +27,7 @@ echo "== 3. After tuning: tunesmith infer --adapters $CKPT =="
 echo "   (the last two questions were never seen in training; the last one checks general knowledge)"
 printf '%s\n' "$QUESTIONS" | tunesmith infer --adapters "$CKPT" --temperature 0 --max_new_tokens 60
 echo "== 4. Before/after in numbers: tunesmith eval --adapters $(dirname "$CKPT") =="
-echo "   (identity: 88 probes never seen in training; retention: 64 general questions, base vs tuned)"
-tunesmith eval --adapters "$(dirname "$CKPT")"
+echo "   (20 identity probes never seen in training and 20 general questions, base vs tuned;"
+echo "    drop --eval_limit for all 88 probes and 64 questions, several minutes on a laptop)"
+tunesmith eval --adapters "$(dirname "$CKPT")" --eval_limit 20
 echo "== Done. Chat with it yourself:  .venv/bin/tunesmith infer --adapters $CKPT =="
