@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from tunesmith.config import InferCommandArgs
 from tunesmith.options import model_options
 from tunesmith.utils import UserError, error_line, logger
 
@@ -72,7 +73,7 @@ class GenOptions:
     """Strings that end the answer (not included in it)."""
 
 
-def gen_options(args: Any) -> GenOptions:
+def gen_options(args: InferCommandArgs) -> GenOptions:
     """The ``GenOptions`` of ``infer``'s flags (``--max_new_tokens``, ``--temperature`` …)."""
     return GenOptions(
         max_new_tokens=args.max_new_tokens,
@@ -160,7 +161,7 @@ def pick_token(logits: np.ndarray, seen: np.ndarray, s: Sampling, rng: np.random
     return int(ids[0]) if ids.size == 1 else int(rng.choice(ids, p=probs))
 
 
-def pt_only_flags(args: Any) -> list[str]:
+def pt_only_flags(args: InferCommandArgs) -> list[str]:
     """Flags of ``args`` that only the ``pt`` backend honours (set to a non-default value)."""
     checks = (
         ("--fast_decode true", args.fast_decode),
@@ -172,7 +173,7 @@ def pt_only_flags(args: Any) -> list[str]:
     return [flag for flag, used in checks if used]
 
 
-def _model_arch(args: Any) -> str | None:
+def _model_arch(args: InferCommandArgs) -> str | None:
     """The architecture ``--model`` / ``--adapters`` will run (no weights are read)."""
     from tunesmith.model.adapters import resolve_base
     from tunesmith.model.gguf_cache import is_gguf_file
@@ -190,7 +191,7 @@ def _model_arch(args: Any) -> str | None:
     return cfg.get("model_type")
 
 
-def choose_backend(args: Any) -> str:
+def choose_backend(args: InferCommandArgs) -> str:
     """``--infer_backend``, with ``auto`` resolved: ``llamacpp`` on a machine without CUDA where
     llama-cpp-python is installed, the architecture is one of ``AUTO_ARCHS`` and no flag asks
     for something only ``pt`` does; else ``pt``. One line says which and why."""
@@ -353,7 +354,7 @@ def load_gguf(
                           n_ctx, np.random.default_rng(seed))  # fmt: skip
 
 
-def load_llamacpp(args: Any) -> LlamaCppEngine:
+def load_llamacpp(args: InferCommandArgs) -> LlamaCppEngine:
     """The engine for ``--model`` / ``--adapters`` (``InferCommandArgs`` or a superset): the
     GGUF file exported once and cached (``model/gguf_cache.py``), the run's system prompt and
     the base model's generation config, as the ``pt`` backend would use them."""
