@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -131,9 +132,13 @@ def failure_sentence(e: object, plan: LaunchPlan) -> str:
         data = failures[rank].error_file_data or {}
         return float(data.get("time", failures[rank].timestamp))
 
-    # Our workers record a float time: the root cause, not a peer that lost its connection
-    # to it a few milliseconds later in the same second.
-    rank = min(failures, key=when)
+    # A process killed by a signal (other than the SIGTERM torchrun sends the survivors) is the
+    # root cause: it left no error file, so its time is torchrun's whole second, which can read
+    # earlier or later than the float time of a peer that lost its connection to it.
+    killed = [r for r, f in failures.items() if f.exitcode < 0 and -f.exitcode != signal.SIGTERM]
+    # Otherwise our workers record a float time: the root cause, not a peer that lost its
+    # connection to it a few milliseconds later in the same second.
+    rank = min(killed) if killed else min(failures, key=when)
     failure = failures[rank]
     reason = failure.message if isinstance(failure.message, str) else ""
     if not reason:
