@@ -79,11 +79,11 @@ def test_failure_sentence_names_the_rank_that_failed_first() -> None:
     assert "--resume_from_checkpoint auto" in text
     killed = SimpleNamespace(failures={1: failure(5, "", exitcode=-9)})
     assert "killed by SIGKILL" in launch.failure_sentence(killed, launch.LaunchPlan(2))
-    # The race seen in CI: the SIGKILLed rank has only torchrun's whole second (5.0), its peer a
-    # precise earlier-looking time of its connection error; the killed one is the cause.
+    # The race seen: the SIGKILLed rank has only the whole second torchrun noticed it (6), its peer
+    # the precise, earlier time of its connection error (5.2); the killed one is the cause.
     race = SimpleNamespace(failures={
         0: failure(5.9, "RuntimeError: Connection reset by peer", precise=5.2),
-        1: failure(5.9, "", exitcode=-9),
+        1: failure(6.0, "", exitcode=-9),
     })  # fmt: skip
     assert launch.failure_sentence(race, launch.LaunchPlan(2)).startswith(
         "process 1 of 2 failed: killed by SIGKILL;"
