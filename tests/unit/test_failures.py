@@ -120,10 +120,10 @@ def test_a_failed_save_is_clear_and_keeps_earlier_checkpoints(
 ):
     real = checkpoint.save_training_state
 
-    def disk_full(path, optimizer, scheduler, position):
+    def disk_full(path, optimizer, scheduler, position, *gathered):
         if position["global_step"] == 4:
             raise OSError(28, "No space left on device")
-        real(path, optimizer, scheduler, position)
+        real(path, optimizer, scheduler, position, *gathered)
 
     monkeypatch.setattr(checkpoint, "save_training_state", disk_full)
     out = tmp_path / "out"

@@ -204,7 +204,9 @@ def test_seeded_sampling_repeats(engine) -> None:
 
 
 @needs_llama_cpp
-def test_cli_adapters_export_once_beside_the_checkpoint(checkpoint, capsys, monkeypatch) -> None:
+def test_cli_adapters_export_once_beside_the_checkpoint(
+    checkpoint, capsys, monkeypatch, log_lines
+) -> None:
     from tunesmith.infer.llamacpp_backend import load_llamacpp
 
     argv = ["infer", "--adapters", str(checkpoint), "--temperature", "0", "--max_new_tokens", "6"]
@@ -215,8 +217,9 @@ def test_cli_adapters_export_once_beside_the_checkpoint(checkpoint, capsys, monk
     stamp = gguf.stat().st_mtime_ns
     monkeypatch.setattr("sys.stdin", io.StringIO("Echo 3.\nSay hi.\n"))
     assert main(argv) == 0  # auto: llama.cpp again, on the cached file
-    captured = capsys.readouterr()
-    assert captured.out == first and "using the cached GGUF file" in captured.err
+    assert capsys.readouterr().out == first
+    assert any(line.startswith("inference backend: llamacpp") for line in log_lines)
+    assert any("using the cached GGUF file" in line for line in log_lines)
     assert gguf.stat().st_mtime_ns == stamp
     assert not [p for p in checkpoint.parent.iterdir() if p.name.startswith(".tmp")]
     # The run's system prompt is used, and the answers are the engine's.
