@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tunesmith.api import check_todo, coerce, nearest, str2bool, unwrap
+from tunesmith.api.flags import check_todo, coerce, nearest, str2bool, unwrap
 from tunesmith.config import (
     DataCommandArgs,
     DeployArgs,
