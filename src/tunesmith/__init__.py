@@ -85,26 +85,28 @@ if not TYPE_CHECKING:
         _package.__class__ = _CommandPackage
     del _package
 
-# Loaded on first use (module __getattr__): `import tunesmith` does not import torch.
-_API = (
-    "sft",
-    "load",
-    "infer_stream",
-    "deploy",
-    "Run",
+__all__ = [
     "DataReport",
-    "EvalReport",
     "Deployment",
-    "UserError",
+    "EvalReport",
     "Interrupted",
-)
-
-__all__ = [*_API, "data", "eval", "export", "infer"]
+    "Run",
+    "UserError",
+    "data",
+    "deploy",
+    "eval",
+    "export",
+    "infer",
+    "infer_stream",
+    "load",
+    "sft",
+]
 
 
 def __getattr__(name: str) -> Any:
-    """The Python API's other functions and types, imported on first access."""
-    if name in _API:
+    """The Python API's other functions and types, imported on first access (so that
+    `import tunesmith` does not import torch)."""
+    if name in __all__:
         from tunesmith import api
 
         return getattr(api, name)

@@ -12,6 +12,8 @@ import pytest
 
 import tunesmith
 from tunesmith import api
+from tunesmith.api.flags import make_args
+from tunesmith.config import SftArgs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,9 +52,9 @@ def test_choices_types_and_strategy_are_checked_as_in_the_cli() -> None:
     # The CLI's strategy check, before anything is loaded or written.
     with pytest.raises(api.UserError, match=r"--deepspeed ds\.json: expected zero2, zero3"):
         tunesmith.sft(deepspeed="ds.json")
-    args = api.make_args(api.SftArgs, "tunesmith sft", {"dataset": "a.jsonl", "tuner_type": "full"})
+    args = make_args(SftArgs, "tunesmith sft", {"dataset": "a.jsonl", "tuner_type": "full"})
     assert args.dataset == ["a.jsonl"] and args.train_type == "full"
-    args = api.make_args(api.SftArgs, "tunesmith sft", {"dataset": Path("my data.jsonl")})
+    args = make_args(SftArgs, "tunesmith sft", {"dataset": Path("my data.jsonl")})
     assert args.dataset == ["my data.jsonl"]  # one path, spaces and all
     assert args.max_steps == -1  # the CLI's default
 
