@@ -217,3 +217,37 @@ def test_deploy_on_a_busy_port_fails_before_loading(tiny_model_dir: Path) -> Non
         port = busy.getsockname()[1]
         with pytest.raises(tunesmith.UserError, match=f"--port {port}: cannot listen"):
             tunesmith.deploy(model="/nonexistent/model", port=port)
+
+
+STATIC_USE = """\
+import tunesmith
+from tunesmith.infer.engine import chat_messages
+
+reveal_type(tunesmith.eval(adapters=["ckpt"]).rows)
+tunesmith.sft(dataset="my.jsonl", max_steps=3, torch_dtype="bfloat16")
+tunesmith.infer(["hi"], max_new_token=3)
+tunesmith.sft(torch_dtype="float8")
+tunesmith.deploy(port="eighty")
+"""
+
+
+def test_type_checkers_see_the_functions_and_their_flags(tmp_path: Path) -> None:
+    pytest.importorskip("mypy")
+    (tmp_path / "use.py").write_text(STATIC_USE, encoding="utf-8")
+    # Only tunesmith's own sources (third-party packages skipped: seconds, not minutes).
+    cmd = [sys.executable, "-m", "mypy", "--no-site-packages", "--ignore-missing-imports",
+           "--follow-imports=silent", "--no-incremental", "--python-version", "3.11",
+           "use.py"]  # fmt: skip
+    env = {**os.environ, "MYPYPATH": str(ROOT / "src")}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env).stdout
+    lines = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("use.py:")]
+    assert lines == [
+        'note: Revealed type is "list[tunesmith.eval.score.Row]"',
+        'error: Unexpected keyword argument "max_new_token" for "infer"; did you mean '
+        '"max_new_tokens"?  [call-arg]',
+        'note: "infer" defined in "tunesmith.api"',
+        'error: Argument "torch_dtype" to "sft" has incompatible type "Literal[\'float8\']"; '
+        "expected \"Literal['auto', 'bfloat16', 'float16', 'float32']\"  [arg-type]",
+        'error: Argument "port" to "deploy" has incompatible type "str"; expected "int"  '
+        "[arg-type]",
+    ], out
