@@ -64,8 +64,12 @@ class _CommandPackage(types.ModuleType):
     # A subpackage that is also its command's function (no class docstring: ``__doc__`` is a
     # property here, the function's help followed by the package's own docstring).
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return _command(self)(*args, **kwargs)
+    # `tunesmith.infer(...)` looks `__call__` up on this class and, a property, gets the API
+    # function itself: so `tunesmith.infer.__call__` is that function too, and IPython's
+    # "Call signature" shows its flags (not a wrapper's `*args, **kwargs`).
+    @property
+    def __call__(self) -> Any:
+        return _command(self)
 
     @property
     def __signature__(self) -> Any:  # what inspect.signature, help() and Jupyter show

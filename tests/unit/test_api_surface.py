@@ -101,6 +101,8 @@ def test_signature_lists_every_flag_typed_with_its_default(name: str) -> None:
     cls = COMMANDS[name]
     sig = inspect.signature(getattr(tunesmith, name))
     assert sig == inspect.signature(getattr(api, name))  # the subpackage shows the function's
+    if isinstance(getattr(tunesmith, name), type(tunesmith)):  # so does its __call__ (IPython)
+        assert getattr(tunesmith, name).__call__ is getattr(api, name)
     kw = {n: p for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
     assert list(kw) == [f.name for f in dataclasses.fields(cls)] + ["progress"]
     for f in dataclasses.fields(cls):
