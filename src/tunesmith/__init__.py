@@ -37,13 +37,13 @@ if TYPE_CHECKING:
         UserError,
         data,
         deploy,
-        eval,
         export,
         infer,
         infer_stream,
         load,
         sft,
     )
+    from tunesmith.api import eval as eval  # re-exported, though not by `import *` (below)
 else:
     from tunesmith import data, eval, export, infer
 
@@ -89,6 +89,7 @@ if not TYPE_CHECKING:
         _package.__class__ = _CommandPackage
     del _package
 
+# Not "eval": `from tunesmith import *` must not hide the builtin eval (tunesmith.eval works).
 __all__ = [
     "DataReport",
     "Deployment",
@@ -98,7 +99,6 @@ __all__ = [
     "UserError",
     "data",
     "deploy",
-    "eval",
     "export",
     "infer",
     "infer_stream",
@@ -110,7 +110,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """The Python API's other functions and types, imported on first access (so that
     `import tunesmith` does not import torch)."""
-    if name in __all__:
+    if name in __all__ or name == "eval":
         from tunesmith import api
 
         return getattr(api, name)
@@ -118,4 +118,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
+    """The module's names, the lazily imported ones included (tab completion)."""
     return sorted({*globals(), *__all__})

@@ -14,6 +14,7 @@ import runpy
 import socket
 import subprocess
 import sys
+import threading
 import typing
 from pathlib import Path
 
@@ -85,6 +86,12 @@ print(report.train_samples)
 print(logging.getLogger("tunesmith").handlers == [] == logging.getLogger().handlers)
 """
     assert python(code, tmp_path) == ["True", "True", "4", "True"]
+
+
+def test_star_import_keeps_the_builtin_eval() -> None:
+    names: dict[str, object] = {}
+    exec("from tunesmith import *", names)
+    assert "eval" not in names and names["infer"] is tunesmith.infer and callable(names["sft"])
 
 
 def test_monkeypatch_reaches_inside_a_callable_subpackage(monkeypatch) -> None:
@@ -209,6 +216,14 @@ def test_deploy_serves_in_the_background_for_the_openai_client(tiny_model_dir: P
     with pytest.raises(openai.APIConnectionError):  # stopped: the port is closed
         client.models.list()
     d.stop()  # a second stop does nothing
+
+
+def test_deploy_wait_serves_until_stopped(tiny_model_dir: Path) -> None:
+    pytest.importorskip("fastapi")
+    d = tunesmith.deploy(model=str(tiny_model_dir), port=0, progress=False)
+    threading.Timer(0.5, d.stop).start()  # as Ctrl-C would, from elsewhere
+    d.wait()
+    assert not d.running.thread.is_alive()
 
 
 def test_deploy_on_a_busy_port_fails_before_loading(tiny_model_dir: Path) -> None:

@@ -242,6 +242,9 @@ def deploy(*, progress: bool = True, **flags: Unpack[DeployFlags]) -> Deployment
     args = make_args(DeployArgs, "tunesmith deploy", dict(flags))
     with bars(progress):
         running = serve_in_thread(args)
+    if not running.uvicorn.started:  # uvicorn logged why; nothing may be left running
+        running.close()
+        raise UserError(f"tunesmith deploy: the server did not start on port {args.port}")
     server = running.server
     return Deployment(url=running.url, base_url=f"{running.url}/v1",
                       models=server.catalog.names(), api_key=server.api_key,

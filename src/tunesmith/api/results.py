@@ -139,12 +139,15 @@ class Deployment:
     running: Any = field(repr=False)
     """The server internals (``serve.deploy.Running``)."""
     _stopped: threading.Event = field(default_factory=threading.Event, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def stop(self) -> None:
-        """Stop serving: close the port and the batching thread (again: nothing)."""
-        if not self._stopped.is_set():
-            self._stopped.set()
-            self.running.close()
+        """Stop serving: close the port and the batching thread; returns when they are
+        (a second call, from any thread, waits for the first and does nothing more)."""
+        with self._lock:
+            if not self._stopped.is_set():
+                self.running.close()
+                self._stopped.set()
 
     def wait(self) -> None:
         """Serve until Ctrl-C (KeyboardInterrupt) or ``stop()`` from another thread."""
