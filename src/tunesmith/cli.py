@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tunesmith.api import check_todo, coerce, nearest, str2bool, unwrap
+from tunesmith.api.flags import check_todo, coerce, nearest, str2bool, unwrap
 from tunesmith.config import (
     DataCommandArgs,
     DeployArgs,
@@ -241,9 +241,6 @@ commands:
            tunesmith export --adapters output/v0-.../checkpoint-30 --to gguf --gguf_type q8_0
   deploy   serve models and adapters over the OpenAI API, with a chat page at /
            tunesmith deploy --adapters mybot=output/v0-.../checkpoint-30
-    return 0
-
-
   estimate predict peak GPU memory and tokens/s of an sft run (reads config.json only)
            tunesmith estimate --model Qwen/Qwen2.5-7B-Instruct --max_length 2048
 

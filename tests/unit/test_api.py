@@ -1,4 +1,5 @@
-"""The Python API (``tunesmith.api``) on the tiny random model: each command as a function."""
+"""The Python API on the tiny random model: each command as a function of ``tunesmith``
+(``tunesmith.sft``, ``tunesmith.infer``, …; the same as ``tunesmith.api``'s)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 
 import tunesmith
 from tunesmith import api
+from tunesmith.api.flags import make_args
+from tunesmith.config import SftArgs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,23 +53,23 @@ def test_choices_types_and_strategy_are_checked_as_in_the_cli() -> None:
     # The CLI's strategy check, before anything is loaded or written.
     with pytest.raises(api.UserError, match=r"--deepspeed ds\.json: expected zero2, zero3"):
         tunesmith.sft(deepspeed="ds.json")
-    args = api.make_args(api.SftArgs, "tunesmith sft", {"dataset": "a.jsonl", "tuner_type": "full"})
+    args = make_args(SftArgs, "tunesmith sft", {"dataset": "a.jsonl", "tuner_type": "full"})
     assert args.dataset == ["a.jsonl"] and args.train_type == "full"
-    args = api.make_args(api.SftArgs, "tunesmith sft", {"dataset": Path("my data.jsonl")})
+    args = make_args(SftArgs, "tunesmith sft", {"dataset": Path("my data.jsonl")})
     assert args.dataset == ["my data.jsonl"]  # one path, spaces and all
     assert args.max_steps == -1  # the CLI's default
 
 
 def test_data_returns_the_report_as_numbers_and_text(tiny_model_dir: Path, tmp_path: Path) -> None:
     path = write_data(tmp_path / "d.jsonl")
-    report = api.data(model=str(tiny_model_dir), dataset=[str(path)], max_length=64)
+    report = tunesmith.data(model=str(tiny_model_dir), dataset=[str(path)], max_length=64)
     assert report.train_samples == 8 and report.val_samples == 0
     assert len(report.lengths) == 8 and 0 < report.trained_tokens < sum(report.lengths)
     assert report.by_source[str(path)]["records"] == 8
     assert report.dropped == {"deleted": 0, "truncated": 0, "no_labels": 0}
     assert "samples: 8 train" in report.text and "[[" in report.text  # no terminal colours
     with pytest.raises(api.UserError, match="no training data"):
-        api.data(model=str(tiny_model_dir))
+        tunesmith.data(model=str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +99,17 @@ def test_sft_returns_the_run(run: api.Run) -> None:
 @pytest.mark.slow
 def test_infer_and_stream_answer_from_the_checkpoint(run: api.Run) -> None:
     kw = {"adapters": [str(run.last_checkpoint)], "max_new_tokens": 6, "temperature": 0}
-    answers = api.infer(["Echo 1.", "Echo 2."], **kw)
+    answers = tunesmith.infer(["Echo 1.", "Echo 2."], **kw)
     assert (
         isinstance(answers, list) and len(answers) == 2 and all(isinstance(a, str) for a in answers)
     )
-    pieces = list(api.infer_stream("Echo 1.", **kw))
+    pieces = list(tunesmith.infer_stream("Echo 1.", **kw))
     assert "".join(pieces).strip() == answers[0].strip()
 
 
 @pytest.mark.slow
 def test_infer_batch_writes_the_result_file(run: api.Run, tmp_path: Path) -> None:
-    out = api.infer(adapters=[str(run.last_checkpoint)], max_new_tokens=4, temperature=0,
+    out = tunesmith.infer(adapters=[str(run.last_checkpoint)], max_new_tokens=4, temperature=0,
                     val_dataset=[str(write_data(tmp_path / "q.jsonl", 3))],
                     result_path=str(tmp_path / "r.jsonl"), progress=False)  # fmt: skip
     assert out == tmp_path / "r.jsonl" and len(out.read_text().splitlines()) == 3
@@ -133,7 +136,7 @@ def test_load_gives_a_model_for_a_transformers_pipeline(run: api.Run, merge: boo
 
 @pytest.mark.slow
 def test_export_returns_the_merged_directory(run: api.Run, tmp_path: Path) -> None:
-    out = api.export(adapters=[str(run.last_checkpoint)], merge_lora=True,
+    out = tunesmith.export(adapters=[str(run.last_checkpoint)], merge_lora=True,
                      output_dir=str(tmp_path / "merged"))  # fmt: skip
     assert out == tmp_path / "merged" and (out / "config.json").is_file()
 
@@ -161,3 +164,33 @@ def test_load_a_full_fine_tuning_run(isolated_torch, tiny_model_dir: Path, tmp_p
         [{"role": "user", "content": "Echo 1."}], max_new_tokens=3, do_sample=False
     )
     assert out[0]["generated_text"][-1]["role"] == "assistant"
+
+
+@pytest.mark.slow
+def test_eval_scores_the_run_against_its_base(run: api.Run, tmp_path: Path) -> None:
+    report = tunesmith.eval(adapters=[str(run.run_dir)], model_name=["小智", "XiaoZhi"],
+                            eval_limit=2, eval_speed=False, eval_output_dir=str(tmp_path / "r"),
+                            progress=False)  # fmt: skip
+    models = list(dict.fromkeys(r.model for r in report.rows))
+    ckpt = run.best_checkpoint or run.last_checkpoint
+    assert models == [str(report.meta["base_model"]), f"{run.run_dir.name}/{ckpt.name}"]
+    assert {r.dataset for r in report.rows} == {"identity", "retention"}
+    assert len(report.answers) == 2 * (2 + 2) and report.moved is not None
+    assert report.meta["system"] == "Be terse." and "identity" in report.table
+
+
+@pytest.mark.slow
+def test_deploy_serves_the_adapter_as_infer_answers(run: api.Run, tiny_model_dir: Path) -> None:
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    ckpt = str(run.last_checkpoint)
+    with tunesmith.deploy(adapters=[f"echo={ckpt}"], port=0, progress=False) as d:
+        assert d.models[1:] == ["echo"]
+        client = openai.OpenAI(base_url=d.base_url, api_key="none", max_retries=0)
+        out = client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "Echo 1."}], max_tokens=6,
+            temperature=0,
+        )  # fmt: skip
+    ours = tunesmith.infer("Echo 1.", adapters=[ckpt], infer_backend="pt", max_new_tokens=6,
+                           temperature=0, progress=False)  # fmt: skip
+    assert out.choices[0].message.content == ours[0]

@@ -40,6 +40,9 @@ SAME_LAYER_ALLOWED = {("options", "config")}
 # The package re-exports the Python API lazily (module __getattr__), so `import tunesmith`
 # stays light; that one import points upwards by design.
 SAME_LAYER_ALLOWED.add(("", "api"))
+# The command subpackages are imported by the package to be made callable (tunesmith.infer(...)
+# is tunesmith.api.infer; see tunesmith/__init__.py): their __init__ files import nothing.
+SAME_LAYER_ALLOWED |= {("", "data"), ("", "eval"), ("", "export"), ("", "infer")}
 
 
 def part_of(module: str) -> str:
@@ -57,6 +60,12 @@ def module_name(path: Path, src: Path) -> str:
     return ".".join(names)
 
 
+def is_module(name: str, src: Path) -> bool:
+    """Whether ``tunesmith.x.y`` is a module or package file under ``src`` (the package)."""
+    path = src.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def imports(path: Path, src: Path) -> list[tuple[int, str]]:
     """(line, absolute module name) of every tunesmith import in ``path``."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
@@ -72,7 +81,9 @@ def imports(path: Path, src: Path) -> list[tuple[int, str]]:
                 name = ".".join([*base, node.module] if node.module else base)
             else:
                 name = node.module or ""
-            found.append((node.lineno, name))
+            # `from tunesmith import infer` imports the subpackage tunesmith.infer.
+            subs = [f"{name}.{a.name}" for a in node.names if is_module(f"{name}.{a.name}", src)]
+            found += [(node.lineno, sub) for sub in subs] or [(node.lineno, name)]
     return [(line, name) for line, name in found if name.split(".")[0] == "tunesmith"]
 
 
@@ -111,10 +122,12 @@ def test_the_checker_sees_lazy_relative_and_upward_imports(tmp_path: Path) -> No
     )
     (pkg / "data" / "report.py").write_text("from ..infer import engine\n")  # relative, upwards
     (pkg / "train" / "sft.py").write_text("import tunesmith.data.report\n")  # fine
+    (pkg / "data" / "x.py").write_text("from tunesmith import train, __version__\n")  # upwards
     found = violations(pkg)
-    assert len(found) == 2
-    assert "engine.py:2: imports tunesmith.train.checkpoint (sideways: infer -> train)" in found[1]
-    assert "report.py:1: imports tunesmith.infer (upwards: data -> infer)" in found[0]
+    assert len(found) == 3
+    assert "x.py:1: imports tunesmith.train (upwards: data -> train)" in found[1]
+    assert "engine.py:2: imports tunesmith.train.checkpoint (sideways: infer -> train)" in found[2]
+    assert "report.py:1: imports tunesmith.infer.engine (upwards: data -> infer)" in found[0]
 
 
 @pytest.mark.parametrize("part", ["eval", "serve"])

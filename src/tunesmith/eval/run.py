@@ -14,7 +14,7 @@ import difflib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +122,7 @@ def adapter_off(engine: Engine, off: bool) -> Iterator[None]:
 
 def generate_missing(
     engine: Engine, model: Model, convs: list[list[dict[str, str]]], items: list[Item],
-    args: EvalArgs, batch: int,
+    args: EvalArgs, batch: int, progress: bool = True,
 ) -> None:  # fmt: skip
     """Answer the items ``model`` has no cached answer for, batch by batch, into its cache."""
     from tqdm import tqdm
@@ -137,7 +137,10 @@ def generate_missing(
         return
     logger.info(f"{model.label}: generating {total} answers, {batch} at a time")
     infer = from_dict(InferCommandArgs, {"temperature": 0.0, "max_new_tokens": 1})
-    with adapter_off(engine, not model.adapter), tqdm(total=total, desc=model.label) as bar:
+    with (
+        adapter_off(engine, not model.adapter),
+        tqdm(total=total, desc=model.label, disable=not progress) as bar,
+    ):
         for n, idx in sorted(todo.items()):
             gen = generation_kwargs(infer, engine.tokenizer) | {"max_new_tokens": n}
             idx.sort(key=lambda i: -len(json.dumps(convs[i], ensure_ascii=False)))
@@ -240,9 +243,11 @@ def _length(args: EvalArgs, item: Item) -> int:
     return item.max_new_tokens or args.max_new_tokens
 
 
-def collect(p: Plan, args: EvalArgs) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
+def collect(
+    p: Plan, args: EvalArgs, progress: bool = True
+) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
     """Every model's answer to every item, and its speed: from the cache, generating only what
-    is missing (the model is loaded once, and only then)."""
+    is missing (the model is loaded once, and only then; ``progress``: the bars)."""
     engine = None
     speed: dict[str, dict[str, float]] = {}
     for m in p.models:
@@ -252,7 +257,7 @@ def collect(p: Plan, args: EvalArgs) -> tuple[dict[str, list[str]], dict[str, di
             if engine is None:
                 engine = load_engine(p.infer_args)
             batch = args.max_batch_size or EVAL_BATCH
-            generate_missing(engine, m, p.convs, p.items, args, batch)
+            generate_missing(engine, m, p.convs, p.items, args, batch, progress)
             if args.eval_speed and cached is None:
                 cached = measure_speed(engine, m, p.convs[0])
                 m.cache.put_speed(cached)
@@ -293,11 +298,12 @@ def summarize(
     return scores, rows, drift
 
 
-def evaluate(args: EvalArgs) -> Path:
-    """Run ``tunesmith eval``: score, write the report folder, print the table; its path."""
+def evaluate(args: EvalArgs, progress: bool = True, echo: Callable[[str], object] = print) -> Path:
+    """Run ``tunesmith eval``: score, write the report folder, print the table (each line
+    through ``echo``: the Python API keeps them); its path."""
     started = time.perf_counter()
     p = plan(args)
-    answers, speed = collect(p, args)
+    answers, speed = collect(p, args, progress)
     scores, rows, drift = summarize(p, answers, args.metrics)
     wall = time.perf_counter() - started
     p.meta |= {
@@ -308,13 +314,13 @@ def evaluate(args: EvalArgs) -> Path:
     }
     labels = [m.label for m in p.models]
     write_report(p.out, p.meta, labels, p.items, p.convs, answers, scores, rows, speed, drift)
-    print(summary_table(rows))
+    echo(summary_table(rows))
     for label, s in speed.items():
-        print(f"speed {label}: time to first token {s['ttft_ms']:.0f} ms, "
-              f"decode {s['decode_ms_per_token']:.1f} ms/token")  # fmt: skip
+        echo(f"speed {label}: time to first token {s['ttft_ms']:.0f} ms, "
+             f"decode {s['decode_ms_per_token']:.1f} ms/token")  # fmt: skip
     if drift is not None:
-        print(f"retention answers changed by tuning: {drift['changed_pct']:.0f}%, "
-              f"ROUGE-L to the base answers {drift['rouge-l_to_base']:.1f}")  # fmt: skip
-    print(f"eval wall time {wall:.1f} s (load average {p.meta['load_avg_1m']}); "
-          f"report: {p.out / 'report.md'}")  # fmt: skip
+        echo(f"retention answers changed by tuning: {drift['changed_pct']:.0f}%, "
+             f"ROUGE-L to the base answers {drift['rouge-l_to_base']:.1f}")  # fmt: skip
+    echo(f"eval wall time {wall:.1f} s (load average {p.meta['load_avg_1m']}); "
+         f"report: {p.out / 'report.md'}")  # fmt: skip
     return p.out

@@ -107,16 +107,25 @@ class Running:
 
 
 def serve_in_thread(args: DeployArgs) -> Running:
-    """Start the server on a free loopback port (``--host`` must be loopback) on a thread."""
+    """Start the server on a thread (``--port 0``: a free port); the Python API's deploy."""
     import time
 
     import uvicorn
 
-    if not is_loopback(args.host):
-        raise UserError("serve_in_thread binds loopback addresses only")
-    app, server = build(args)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((args.host, args.port))
+    # The port first: a port in use is refused before the model loads, nothing left running.
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        sock.close()
+        raise UserError(
+            f"--host {args.host} --port {args.port}: cannot listen ({e.strerror})"
+        ) from None
+    try:
+        app, server = build(args)
+    except BaseException:
+        sock.close()
+        raise
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
     srv = uvicorn.Server(config)
@@ -125,4 +134,5 @@ def serve_in_thread(args: DeployArgs) -> Running:
     deadline = time.monotonic() + 30
     while not srv.started and time.monotonic() < deadline:
         time.sleep(0.02)
-    return Running(f"http://{args.host}:{port}", server, srv, thread)
+    host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
+    return Running(f"http://{host}:{port}", server, srv, thread)

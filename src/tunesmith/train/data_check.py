@@ -12,12 +12,12 @@ from tunesmith.model.load import load_tokenizer, resolve_model
 from tunesmith.options import data_options, template_options
 
 
-def check_data(args: DataCommandArgs) -> tuple[Any, Prepared]:
+def check_data(args: DataCommandArgs, progress: bool = True) -> tuple[Any, Prepared]:
     """(tokenizer, prepared data): ``--dataset`` validated and tokenized with ``--model``'s
-    tokenizer (default: the demo model's, as ``sft``)."""
+    tokenizer (default: the demo model's, as ``sft``); ``progress``: the tokenizing bar."""
     tokenizer = load_tokenizer(resolve_model(args.model or "demo", args.use_hf))
     return tokenizer, prepare(data_options(args, use_hf=args.use_hf), template_options(args),
-                              tokenizer)  # fmt: skip
+                              tokenizer, progress=progress)  # fmt: skip
 
 
 def data_command(args: DataCommandArgs, checked: tuple[Any, Prepared] | None = None) -> str:
