@@ -123,6 +123,7 @@ def _tunesmith_model(model_dir: str, fast: str, ckpt: bool = True) -> Any:
     from tunesmith.model.fast import FastOptions, apply_fast_path
     from tunesmith.model.load import load_model
     from tunesmith.model.lora import keep_activation_dtype, lora_config
+    from tunesmith.options import LoraOptions
 
     model = load_model(Path(model_dir), torch.bfloat16, "sdpa", device="cuda")
     model.config.use_cache = False
@@ -130,8 +131,7 @@ def _tunesmith_model(model_dir: str, fast: str, ckpt: bool = True) -> Any:
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(0)
-    cfg = lora_config(rank=8, alpha=32, dropout=0.0, target_modules=["all-linear"],
-                      modules_to_save=[], use_rslora=False, use_dora=False)  # fmt: skip
+    cfg = lora_config(LoraOptions(rank=8, alpha=32, dropout=0.0))
     model = get_peft_model(model, cfg)
     quant.set_lora_dtype(model, "float32")
     keep_activation_dtype(model)
