@@ -62,7 +62,7 @@ SHAPES = {
         num_attention_heads=4, num_key_value_heads=2, vocab_size=151936,
     ),
 }  # fmt: skip
-# tunesmith sft rows (lora_nofast: --fast none; lora_noliger: --fast lora,loss; lora_nockpt:
+# tunesmith sft rows (lora_nofast: --fast none; lora_noliger: --fast lora,group,loss; lora_nockpt:
 # no gradient checkpointing; lora_mixed: the length-mixed data, packed to 4096 tokens a row),
 # peers (peft_liger, peft_nockpt, peft_mixed: gpu_fast.py), Unsloth (bench/peers/
 # unsloth_bench.py, needs it importable), and checks (lossmatch, profile, profile_nofast, ablation).
@@ -73,7 +73,7 @@ RUNS = ("lora", "lora_nofast", "lora_noliger", "lora_nockpt", "lora_mixed", "qlo
         "ablation")  # fmt: skip
 TUNESMITH_FLAGS = {
     "lora_nofast": ["--fast", "none"],
-    "lora_noliger": ["--fast", "lora,loss"],
+    "lora_noliger": ["--fast", "lora,group,loss"],
     "lora_nockpt": ["--gradient_checkpointing", "false"],
     "lora_mixed": ["--packing", "true"],
     "qlora": ["--quantization_bit", "4", "--bnb_4bit_quant_type", "nf4"],
