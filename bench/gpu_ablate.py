@@ -123,6 +123,7 @@ def measure(parts: set[str], seq: int, steps: int = 5) -> dict:
                 else "other")  # fmt: skip
         kinds[kind] = kinds.get(kind, 0.0) + us
         per[e.key[:80]] = (us / 1e3, e.count)
+    top = sorted(per.items(), key=lambda kv: -kv[1][0])[:10]
     return {"variant": "+".join(sorted(parts)), "done": done,
             "build_s": round(t_first - t_build, 1), "first_step_s": round(first_s, 1),
             "fwd_ms": round(fwd * 1e3, 1), "bwd_ms": round(bwd * 1e3, 1),
@@ -130,8 +131,7 @@ def measure(parts: set[str], seq: int, steps: int = 5) -> dict:
             "peak_gib": round(peak, 2), "gpu_busy_ms": round(busy / 1e3, 1),
             "kernels": int(count),
             "split_ms": {k: round(v / 1e3, 1) for k, v in sorted(kinds.items())},
-            "top": [[k, round(ms, 1), n] for k, (ms, n) in sorted(per.items(),
-                                                                key=lambda kv: -kv[1][0])[:10]]}  # fmt: skip
+            "top": [[k, round(ms, 1), n] for k, (ms, n) in top]}  # fmt: skip
 
 
 def main() -> None:
