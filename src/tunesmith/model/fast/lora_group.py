@@ -161,7 +161,7 @@ class LoraGroup:
 
 def _grouped_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     group: LoraGroup = self._tunesmith_group
-    index = group.members.index(self)
+    index: int = self._tunesmith_index
     if group.x is x and index in group.waiting:
         out = group.waiting.pop(index)
         if not group.waiting:
@@ -186,8 +186,9 @@ def group_lora_layers(model: nn.Module) -> int:
             if not all(getattr(m, "_tunesmith_fused", False) for m in members):
                 continue
             group = LoraGroup(members=members)  # type: ignore[arg-type]
-            for m in members:
+            for index, m in enumerate(members):
                 m._tunesmith_group = group  # type: ignore[union-attr]
+                m._tunesmith_index = index  # type: ignore[union-attr]
                 m.forward = types.MethodType(_grouped_forward, m)  # type: ignore[union-attr]
             groups += 1
     return groups
