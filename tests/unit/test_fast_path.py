@@ -259,3 +259,22 @@ def test_grouped_layers_serve_siblings_from_one_call(monkeypatch: pytest.MonkeyP
     with model.disable_adapter():  # adapters off: the base alone, through peft's forward
         base = model(input_ids=ids).logits
     assert len(calls) == 4 and _rel(base, ref) > 1e-4
+
+
+def test_grouped_layers_with_dropout_fall_back_in_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropout on: every projection draws its own mask, so no group call; eval: grouped."""
+    from tunesmith.model.fast import lora_group
+
+    calls = []
+    real = lora_group.LoraGroupFunction.apply
+    monkeypatch.setattr(lora_group.LoraGroupFunction, "apply",
+                        lambda *a: calls.append(1) or real(*a))  # fmt: skip
+    model = _tiny_peft(dropout=0.1)
+    apply_fast_path(model, FastOptions(kernels=False))
+    ids = torch.randint(0, 300, (1, 12))
+    model.train()
+    model(input_ids=ids).logits.sum().backward()
+    assert calls == []
+    model.eval()
+    ref = _tiny_peft(dropout=0.1).eval()(input_ids=ids).logits
+    assert _rel(model(input_ids=ids).logits, ref) < 1e-5 and len(calls) == 4
