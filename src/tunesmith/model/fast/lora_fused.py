@@ -9,14 +9,17 @@ checkpointing that happens twice per step. Here one ``torch.autograd.Function`` 
     y += s * (x @ A.T) @ B.T      two skinny GEMMs, the second accumulating into y (addmm)
 
 in the activations' dtype (bf16 on tensor cores), and saves only ``x`` (already kept alive by
-the caller) and the rank-r product ``x @ A.T``. Backward:
+the caller), the rank-r product ``x @ A.T`` and the compute-dtype copies of A and B. Backward:
 
     dB = s * dy.T @ (x A.T)       dA = s * (dy B).T @ x       dx = dy @ W + s * (dy B) @ A
 
 The frozen base weight is never copied; a 4-bit base is dequantized again in backward rather
 than kept (what bitsandbytes' own ``MatMul4Bit`` does too). The adapter weights keep their
-dtype (fp32 master weights by default): they are cast to the compute dtype inside, and their
-gradients cast back. The math is peft's exactly (same function of x, A, B, W); only rounding
+dtype (fp32 master weights by default); their compute-dtype copies (A with the scaling folded
+in) are made once per optimizer step and cached (``compute_copy``), not on every call: the
+previous version cast them in forward, recompute and backward, eight more small kernels per
+layer and step, which cost ~80 ms of a 7B step on the H200 (host-bound; bench/RESULTS.md,
+issue 17, call 3). Gradients are cast back to the weights' dtype. The math is peft's exactly (same function of x, A, B, W); only rounding
 differs (bf16 products instead of the autocast's bf16 products in another order).
 
 ``patch_lora_layers`` swaps the forward of every peft LoRA layer it can serve (one active
