@@ -19,8 +19,9 @@ dtype (fp32 master weights by default); their compute-dtype copies (A with the s
 in) are made once per optimizer step and cached (``compute_copy``), not on every call: the
 previous version cast them in forward, recompute and backward, eight more small kernels per
 layer and step, which cost ~80 ms of a 7B step on the H200 (host-bound; bench/RESULTS.md,
-issue 17, call 3). Gradients are cast back to the weights' dtype. The math is peft's exactly (same function of x, A, B, W); only rounding
-differs (bf16 products instead of the autocast's bf16 products in another order).
+issue 17, call 3). Gradients are cast back to the weights' dtype. The math is peft's exactly
+(same function of x, A, B, W); only rounding differs (bf16 products instead of the autocast's
+bf16 products in another order).
 
 ``patch_lora_layers`` swaps the forward of every peft LoRA layer it can serve (one active
 adapter, no DoRA, plain or bitsandbytes-4-bit base; LoRA dropout is drawn here and its mask
