@@ -123,6 +123,7 @@ def _tunesmith_model(model_dir: str, fast: str, ckpt: bool = True) -> Any:
     from tunesmith.model.fast import FastOptions, apply_fast_path
     from tunesmith.model.load import load_model
     from tunesmith.model.lora import keep_activation_dtype, lora_config
+    from tunesmith.options import LoraOptions
 
     model = load_model(Path(model_dir), torch.bfloat16, "sdpa", device="cuda")
     model.config.use_cache = False
@@ -130,8 +131,7 @@ def _tunesmith_model(model_dir: str, fast: str, ckpt: bool = True) -> Any:
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(0)
-    cfg = lora_config(rank=8, alpha=32, dropout=0.0, target_modules=["all-linear"],
-                      modules_to_save=[], use_rslora=False, use_dora=False)  # fmt: skip
+    cfg = lora_config(LoraOptions(rank=8, alpha=32, dropout=0.0))
     model = get_peft_model(model, cfg)
     quant.set_lora_dtype(model, "float32")
     keep_activation_dtype(model)
@@ -145,11 +145,12 @@ def loss_match(model_dir: str, seq: int, steps: int = 20) -> dict:
     import gc
 
     import torch
+    from transformers import AutoConfig
 
     from tunesmith.model.lora import CausalLMLoss
 
     g = torch.Generator().manual_seed(1)
-    vocab = 152064
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
     batches = [torch.randint(0, vocab, (1, seq), generator=g).cuda() for _ in range(steps)]
     model = _peft_model(model_dir)
     for p in model.parameters():  # peft's recipe for fp32 adapters on a bf16 base
@@ -195,7 +196,7 @@ def profile(model_dir: str, seq: int, fast: str = "all") -> dict:
     module = CausalLMLoss(model, fused_ce=opts.loss)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                             fused=True)  # fmt: skip
-    ids = torch.randint(0, 152064, (1, seq), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), device="cuda")
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -258,7 +259,7 @@ def ablation(model_dir: str, seq: int, steps: int = 5) -> dict:
     model, _, _ = _tunesmith_model(model_dir, "none")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                             fused=True)  # fmt: skip
-    ids = torch.randint(0, 152064, (1, seq), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), device="cuda")
     stages = {}
     for stage in ("none", "+lora", "+loss", "+kernels", "+kernels -ckpt"):
         if stage == "+lora":

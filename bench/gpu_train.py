@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -62,7 +61,7 @@ SHAPES = {
         num_attention_heads=4, num_key_value_heads=2, vocab_size=151936,
     ),
 }  # fmt: skip
-# tunesmith sft rows (lora_nofast: --fast none; lora_noliger: --fast lora,loss; lora_nockpt:
+# tunesmith sft rows (lora_nofast: --fast none; lora_noliger: --fast lora,group,loss; lora_nockpt:
 # no gradient checkpointing; lora_mixed: the length-mixed data, packed to 4096 tokens a row),
 # peers (peft_liger, peft_nockpt, peft_mixed: gpu_fast.py), Unsloth (bench/peers/
 # unsloth_bench.py, needs it importable), and checks (lossmatch, profile, profile_nofast, ablation).
@@ -71,14 +70,6 @@ RUNS = ("lora", "lora_nofast", "lora_noliger", "lora_nockpt", "lora_mixed", "qlo
         "peft", "peft_qlora", "peft_liger", "peft_nockpt", "peft_mixed",
         "unsloth", "unsloth_qlora", "lossmatch", "profile", "profile_nofast",
         "ablation")  # fmt: skip
-TUNESMITH_FLAGS = {
-    "lora_nofast": ["--fast", "none"],
-    "lora_noliger": ["--fast", "lora,loss"],
-    "lora_nockpt": ["--gradient_checkpointing", "false"],
-    "lora_mixed": ["--packing", "true"],
-    "qlora": ["--quantization_bit", "4", "--bnb_4bit_quant_type", "nf4"],
-}
-LORA = dict(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 WORDS = """the model learns from data and each step updates a small adapter while the base stays
 frozen so memory goes to activations of long sequences in a river valley an old town keeps its
 bridges stone walls gardens markets music trains night morning light people travel north south
@@ -96,6 +87,8 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/tunesmith-gpu-bench", help="models, data, runs")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run")
     p.add_argument("--device", default="cuda", help="cpu: check the plumbing, --shapes tiny")
+    p.add_argument("--budget", type=int, default=0, help="seconds for the call; runs that "
+                   "would not fit are skipped")  # fmt: skip
     a = p.parse_args()
     work = Path(a.work)
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "out"
@@ -128,7 +121,12 @@ def main() -> None:
                 cmd = [str(ROOT / "bench" / "peers" / "unsloth_bench.py"), str(model_dir),
                        variant, str(seq), str(a.steps)]  # fmt: skip
             r = {"run": run, "shape": shape, "seq": seq}
-            r |= child(cmd, logs / f"{run}-{seq}-{shape}.log", a.timeout)
+            # Seen on the H200 (bench/gpu/issue17): Unsloth ~80 s a run, the others ~20-35 s.
+            need = (85 if run.startswith("unsloth") else 35) + (10 if seq > 4096 else 0)
+            if a.budget and time.perf_counter() - t_all + need > a.budget:
+                r["error"] = f"skipped: would not fit the {a.budget}s budget"
+            else:
+                r |= child(cmd, logs / f"{run}-{seq}-{shape}.log", a.timeout)
             results.append(r)
             print(json.dumps(r), flush=True)
             with open(out_dir / "gpu_train.jsonl", "a", encoding="utf-8") as f:
@@ -248,98 +246,10 @@ def make_model(shape: str, out: str, tokenizer_dir: str, device: str) -> None:
     print(json.dumps({"made": shape, "params_b": round(n, 3), "s": time.perf_counter() - t}))
 
 
-def run_tunesmith(run: str, model_dir: str, data: str, seq: int, steps: int, work: str) -> dict:
-    """``tunesmith sft`` as a user runs it; figures from its logging.jsonl."""
-    from tunesmith.cli import parse_args
-    from tunesmith.config import SftArgs
-    from tunesmith.train.sft import sft
-    from tunesmith.utils import setup_logging
-
-    setup_logging()
-    os.environ["TUNESMITH_CACHE"] = str(Path(work) / "cache")  # tokenized data
-    out = Path(work) / "runs" / f"{run}-{Path(model_dir).name}"
-    argv = [
-        "--model", model_dir, "--dataset", data, "--train_type", "lora",
-        "--torch_dtype", "bfloat16", "--max_length", str(seq), "--truncation_strategy", "right",
-        "--max_steps", str(steps), "--logging_steps", "1", "--save_steps", "100000",
-        "--save_only_model", "true", "--report_to", "none", "--output_dir", str(out),
-        "--lora_rank", "8", "--lora_alpha", "32", "--lora_dropout", "0",
-        "--target_modules", "all-linear", "--per_device_train_batch_size", "1",
-        "--gradient_checkpointing", "true", "--learning_rate", "1e-4",
-    ]  # fmt: skip
-    argv += TUNESMITH_FLAGS.get(run, [])
-    if run == "lora_mixed":  # packed rows of up to 4096 real tokens, no padding
-        argv[argv.index("--max_length") + 1] = "4096"
-    run_dir = sft(parse_args(SftArgs, "tunesmith sft", "bench", argv))
-    log = [json.loads(x) for x in (run_dir / "logging.jsonl").read_text().splitlines()]
-    log = [r for r in log if "loss" in r]
-    elapsed = [r["elapsed_s"] for r in log]
-    step_s = [b - a for a, b in zip([0.0, *elapsed], elapsed, strict=False)]
-    return {
-        "impl": "tunesmith",
-        "argv_extra": TUNESMITH_FLAGS.get(run, []),
-        "step_s": median_after_warmup(step_s),
-        "log_tok_s": round(statistics.median(r["tokens_per_s"] for r in log[2:] or log), 1),
-        "peak_gib": round(max(r["memory_gb"] for r in log), 2),
-        "loss": log[-1]["loss"],
-    }
-
-
-def run_peer(run: str, model_dir: str, seq: int, steps: int, device: str) -> dict:
-    """Plain transformers + peft: the logic of shared/peers/lora_baseline.py ``peft``."""
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
-
-    cfg = AutoConfig.from_pretrained(model_dir)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    ckpt = {"use_reentrant": False}
-    if run in ("peft", "peft_nockpt"):
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-        if run == "peft":
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
-            model.enable_input_require_grads()
-    else:
-        bnb = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )  # fmt: skip
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.bfloat16, quantization_config=bnb, device_map={"": device},
-            attn_implementation="sdpa",
-        )  # fmt: skip
-        model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs=ckpt)
-    model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(**LORA, task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    cuda = device == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        ids = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return {
-        "impl": "transformers+peft",
-        "step_s": median_after_warmup(times),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30 if cuda else -1, 2),
-        "loss": round(loss.item(), 4),
-    }
-
-
 def times_to_step(r: dict) -> dict:
     """Step time (and, with real token counts, real tokens/s) from a helper's step times."""
+    from gpu_rows import median_after_warmup
+
     times = r.pop("times")
     r["step_s"] = median_after_warmup(times)
     if "real_tokens" in r:
@@ -349,11 +259,6 @@ def times_to_step(r: dict) -> dict:
     return r
 
 
-def median_after_warmup(times: list[float]) -> float:
-    """Median step time, leaving out the first two steps (allocator and kernel warm-up)."""
-    return round(statistics.median(times[2:] if len(times) > 2 else times), 4)
-
-
 def one(run: str, model_dir: str, data: str, seq: int, steps: int, work: str, device: str) -> None:
     """One measured run; prints its JSON line."""
     import torch
@@ -361,6 +266,7 @@ def one(run: str, model_dir: str, data: str, seq: int, steps: int, work: str, de
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU (--device cpu checks the plumbing only)")
     import gpu_fast
+    from gpu_rows import run_peer, run_tunesmith
 
     if run.startswith("lora") or run == "qlora":
         r = run_tunesmith(run, model_dir, data, seq, steps, work)

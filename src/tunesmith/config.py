@@ -191,7 +191,7 @@ class TrainArgs:
     fast: str = arg(
         "auto",
         "fast GPU path parts: auto (all on CUDA, none on CPU), all, none, or a comma list of "
-        "lora,kernels,loss",
+        "lora,group,kernels,loss",
     )
     gradient_checkpointing: bool | None = arg(
         None, "recompute activations in backward to save memory (default: on for GPU)"

@@ -110,8 +110,9 @@ def _loss_and_grads(model, fused_ce: bool):
     return loss.item(), int(correct), grads
 
 
-@pytest.mark.parametrize("ckpt", [False, True])
-def test_fast_path_matches_peft_on_a_tiny_qwen2(ckpt: bool) -> None:
+@pytest.mark.parametrize(("ckpt", "group"), [(False, False), (True, False), (False, True),
+                                             (True, True)])  # fmt: skip
+def test_fast_path_matches_peft_on_a_tiny_qwen2(ckpt: bool, group: bool) -> None:
     """Same loss, correct count and LoRA gradients as peft's own forward (fp32, CPU)."""
     ref = _loss_and_grads(_tiny_peft(), fused_ce=False)
     model = _tiny_peft()
@@ -119,8 +120,10 @@ def test_fast_path_matches_peft_on_a_tiny_qwen2(ckpt: bool) -> None:
         kwargs = {"use_reentrant": False}
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.train()
-    done = apply_fast_path(model, FastOptions())
+    done = apply_fast_path(model, FastOptions(group=group))
     assert done[0] == "fused LoRA on 14/14 layers"  # 7 projections x 2 layers
+    if group:  # QKV and gate/up of each of the 2 layers
+        assert done[1] == "grouped LoRA: 4 QKV and gate/up groups"
     got = _loss_and_grads(model, fused_ce=True)
     assert abs(got[0] - ref[0]) < 1e-5 * abs(ref[0])
     assert got[1] == ref[1]
@@ -160,7 +163,118 @@ def test_dropout_layers_are_fused_and_dropout_is_off_in_eval() -> None:
 
 def test_fast_options_parse() -> None:
     assert FastOptions.parse("all") == FastOptions()
-    assert FastOptions.parse("none") == FastOptions(lora=False, kernels=False, loss=False)
-    assert FastOptions.parse("lora, loss") == FastOptions(lora=True, kernels=False, loss=True)
+    assert FastOptions.parse("none") == FastOptions(
+        lora=False, group=False, kernels=False, loss=False
+    )
+    assert FastOptions.parse("lora, loss") == FastOptions(
+        lora=True, group=False, kernels=False, loss=True
+    )
     with pytest.raises(UserError, match="unknown part 'fused'"):
         FastOptions.parse("lora,fused")
+
+
+def _group_case(dtype: torch.dtype, seed: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, 16, generator=g).to(dtype).requires_grad_()
+    outs, scalings = (12, 4, 4), (2.5, 2.5, 0.5)
+    frozen = tuple(
+        (torch.randn(o, 16, generator=g).to(dtype), torch.randn(o, generator=g).to(dtype))
+        if i != 1 else (torch.randn(o, 16, generator=g).to(dtype), None)
+        for i, o in enumerate(outs)
+    )  # fmt: skip
+    adapters = []
+    for o, r in zip(outs, (4, 2, 4), strict=True):  # ranks may differ (peft's rank_pattern)
+        a = torch.randn(r, 16, generator=g, dtype=torch.float64)
+        b = torch.randn(o, r, generator=g, dtype=torch.float64)
+        adapters += [a.requires_grad_(), b.requires_grad_()]
+    dys = [torch.randn(2, 5, o, generator=g, dtype=torch.float64) for o in outs]
+    return x, frozen, scalings, adapters, dys
+
+
+def _group_reference(x, frozen, scalings, adapters, dys, used):
+    x64 = x.detach().double().requires_grad_()
+    ad64 = [a.detach().double().requires_grad_() for a in adapters]
+    total = 0
+    for i, ((w, b), s) in enumerate(zip(frozen, scalings, strict=True)):
+        y = x64 @ w.double().t() + (0 if b is None else b.double())
+        y = y + s * (x64 @ ad64[2 * i].t()) @ ad64[2 * i + 1].t()
+        if i in used:
+            total = total + (y * dys[i]).sum()
+    return torch.autograd.grad(total, (x64, *ad64), allow_unused=True)
+
+
+@pytest.mark.parametrize("used", [(0, 1, 2), (0, 2)])
+def test_lora_group_matches_per_projection_reference(used: tuple[int, ...]) -> None:
+    """Outputs and gradients of x and every A, B (float64); an unused output adds nothing."""
+    from tunesmith.model.fast.lora_group import LoraGroupFunction
+
+    x, frozen, scalings, adapters, dys = _group_case(torch.float64)
+    outs = LoraGroupFunction.apply(x, frozen, scalings, *adapters)
+    for i, ((w, b), s) in enumerate(zip(frozen, scalings, strict=True)):
+        ref = (
+            x @ w.t()
+            + (0 if b is None else b)
+            + s * (x @ adapters[2 * i].t()) @ adapters[2 * i + 1].t()
+        )
+        assert _rel(outs[i], ref) < 1e-12
+    total = sum((outs[i] * dys[i]).sum() for i in used)
+    got = torch.autograd.grad(total, (x, *adapters), allow_unused=True)
+    want = _group_reference(x, frozen, scalings, adapters, dys, used)
+    for k, (a, b) in enumerate(zip(got, want, strict=True)):
+        if k > 0 and (k - 1) // 2 not in used:  # an unused member's A and B: no gradient
+            assert b is None and (a is None or float(a.abs().max()) == 0.0)
+            continue
+        assert a is not None and _rel(a, b) < 1e-12, k
+
+
+def test_lora_group_bf16_activations_fp32_adapter() -> None:
+    from tunesmith.model.fast.lora_group import LoraGroupFunction
+
+    x, frozen, scalings, adapters, dys = _group_case(torch.bfloat16)
+    adapters = [a.detach().float().requires_grad_() for a in adapters]
+    outs = LoraGroupFunction.apply(x, frozen, scalings, *adapters)
+    assert all(o.dtype == torch.bfloat16 for o in outs)
+    total = sum((o.double() * dy).sum() for o, dy in zip(outs, dys, strict=True))
+    got = torch.autograd.grad(total, (x, *adapters))
+    assert all(g.dtype == torch.float32 for g in got[1:])
+    want = _group_reference(x, frozen, scalings, adapters, dys, (0, 1, 2))
+    for a, b in zip(got, want, strict=True):
+        assert _rel(a, b) < 2e-2
+
+
+def test_grouped_layers_serve_siblings_from_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One group call per block for QKV and one for gate/up; peft's output unchanged."""
+    from tunesmith.model.fast import lora_group
+
+    calls = []
+    real = lora_group.LoraGroupFunction.apply
+    monkeypatch.setattr(lora_group.LoraGroupFunction, "apply",
+                        lambda *a: calls.append(1) or real(*a))  # fmt: skip
+    ids = torch.randint(0, 300, (1, 12))
+    ref = _tiny_peft().eval()(input_ids=ids).logits
+    model = _tiny_peft().eval()
+    apply_fast_path(model, FastOptions(kernels=False))
+    assert _rel(model(input_ids=ids).logits, ref) < 1e-5
+    assert len(calls) == 4  # 2 layers x (QKV, gate/up)
+    with model.disable_adapter():  # adapters off: the base alone, through peft's forward
+        base = model(input_ids=ids).logits
+    assert len(calls) == 4 and _rel(base, ref) > 1e-4
+
+
+def test_grouped_layers_with_dropout_fall_back_in_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropout on: every projection draws its own mask, so no group call; eval: grouped."""
+    from tunesmith.model.fast import lora_group
+
+    calls = []
+    real = lora_group.LoraGroupFunction.apply
+    monkeypatch.setattr(lora_group.LoraGroupFunction, "apply",
+                        lambda *a: calls.append(1) or real(*a))  # fmt: skip
+    model = _tiny_peft(dropout=0.1)
+    apply_fast_path(model, FastOptions(kernels=False))
+    ids = torch.randint(0, 300, (1, 12))
+    model.train()
+    model(input_ids=ids).logits.sum().backward()
+    assert calls == []
+    model.eval()
+    ref = _tiny_peft(dropout=0.1).eval()(input_ids=ids).logits
+    assert _rel(model(input_ids=ids).logits, ref) < 1e-5 and len(calls) == 4

@@ -4,8 +4,8 @@ The model's shape comes from its ``config.json`` (a local directory, or a hub id
 file is fetched) or from shape flags. Memory is counted term by term for tunesmith's own GPU
 path (bf16 or 4-bit base, fp32 LoRA weights with AdamW, gradient checkpointing of each decoder
 layer's input, the chunked cross-entropy of ``model/fast/loss.py``); the per-layer working set
-of the backward and the matmul efficiency are the two constants measured on an H200
-(bench/gpu_train.py; bench/RESULTS.md compares every harness row with this estimate).
+of the backward, the matmul efficiency and the host time per layer are constants measured on
+an H200 (bench/gpu_train.py; bench/RESULTS.md compares every harness row with this estimate).
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ from tunesmith.config import arg
 from tunesmith.utils import UserError
 
 GIB = 2**30
-# Measured constants (bench/RESULTS.md, "issue 17"): the backward of one checkpointed decoder
-# layer holds about MLP_WORKING (seq x intermediate) bf16 tensors at once beside its attention
-# tensors; matmuls of a LoRA step reach MATMUL_EFF of the H200's measured 790 TFLOP/s (fitted
-# to the seq-2048 checkpointed row; it underestimates seq 8192 by ~30 %, see RESULTS).
+# Measured constants (bench/RESULTS.md, "issue 17", harness call 4): the backward of one
+# checkpointed decoder layer holds about MLP_WORKING (seq x intermediate) bf16 tensors at once
+# beside its attention tensors. A step's time is its matmul FLOPs at MATMUL_EFF of the H200's
+# measured 790 TFLOP/s plus HOST_S host time per layer and pass (forward, recompute, backward):
+# at seq 2048 the step is bound by issuing kernels, at 8192 by the matmuls; the two constants
+# are fitted to those two rows of `tunesmith sft` (7,728 and 10,370 tokens/s).
 MLP_WORKING = 5.0
 MATMUL_PEAK = 790e12
-MATMUL_EFF = 0.44
-QLORA_SLOWDOWN = 1.35  # 4-bit: each weight is dequantized in forward, recompute and backward
+MATMUL_EFF = 0.72
+HOST_S = 1.28e-3
+QLORA_SLOWDOWN = 1.30  # 4-bit: each weight is dequantized in forward, recompute and backward
 CE_CHUNK_ELEMENTS = 2**25  # model/fast/loss.py's CHUNK_ELEMENTS
 
 
@@ -139,9 +142,10 @@ def estimate(shape: Shape, args: EstimateArgs) -> dict[str, float]:
         terms["weights"] = (per_linear * linear + 2 * other) / GIB
         lora = shape.layers * args.lora_rank * sum(a + b for a, b in shape.linear_shapes())
         terms["lora_and_adamw"] = 16 * lora / GIB  # fp32 weight, grad, two moments
-    # Bytes a token keeps per layer without recompute (HF's norms keep fp32 copies; the MLP
-    # keeps gate, its activation, up and their product): fitted to the H200's no-ckpt row.
-    per_token_layer = 2 * (9 * h + 2 * shape.kv_dim + 4 * i)
+    # Bytes a token keeps per layer without recompute, with the fast path's Liger kernels (the
+    # norms keep their bf16 input only; the SwiGLU keeps gate and up, down_proj its input):
+    # fitted to the H200's no-checkpointing row (23.43 GiB).
+    per_token_layer = 2 * (5 * h + 2 * shape.kv_dim + 3 * i)
     working = 2 * tokens * (MLP_WORKING * i + 6 * h)  # one layer's backward
     if args.gradient_checkpointing:
         terms["checkpoints"] = 2 * tokens * h * (shape.layers + 1) / GIB
@@ -155,7 +159,8 @@ def estimate(shape: Shape, args: EstimateArgs) -> dict[str, float]:
     factor = 3 if args.gradient_checkpointing else 2  # forward, input grads, (recompute)
     if args.train_type == "full":
         factor += 1  # weight gradients
-    seconds = factor * flops / (MATMUL_EFF * MATMUL_PEAK)
+    passes = 3 if args.gradient_checkpointing else 2
+    seconds = factor * flops / (MATMUL_EFF * MATMUL_PEAK) + HOST_S * shape.layers * passes
     if args.quantization_bit == 4:
         seconds *= QLORA_SLOWDOWN
     out = {k: round(v, 3) for k, v in terms.items()}

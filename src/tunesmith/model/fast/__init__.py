@@ -5,6 +5,8 @@ One call, :func:`apply_fast_path`, after peft has wrapped the model, switches on
 
 - ``lora``: every plain peft LoRA layer runs as one autograd function in the compute dtype
   (``lora_fused.py``);
+- ``group``: sibling projections of one input (QKV, gate/up) as one function
+  (``lora_group.py``), with ``lora`` only;
 - ``kernels``: Liger's Triton RMSNorm, RoPE and SwiGLU on Qwen2/Llama-family models on CUDA,
   when ``liger-kernel`` is installed (``pip install 'tunesmith[liger]'``);
 - ``loss``: the LM head's cross-entropy in chunks with the gradient formed in the forward
@@ -22,7 +24,7 @@ from torch import nn
 
 from tunesmith.utils import UserError
 
-FEATURES = ("lora", "kernels", "loss")
+FEATURES = ("lora", "group", "kernels", "loss")
 LIGER_INSTALL = "pip install 'tunesmith[liger]'"
 
 
@@ -32,6 +34,8 @@ class FastOptions:
 
     lora: bool = True
     """Fused LoRA autograd function in the compute dtype."""
+    group: bool = True
+    """QKV and gate/up LoRA layers as one function each (needs ``lora``; dropout 0 only)."""
     kernels: bool = True
     """Liger's Triton RMSNorm/RoPE/SwiGLU on CUDA (skipped when liger-kernel is missing)."""
     loss: bool = True
@@ -39,7 +43,7 @@ class FastOptions:
 
     @classmethod
     def parse(cls, spec: str, cuda: bool = True) -> FastOptions:
-        """``auto``, ``all``, ``none`` / ``off``, or a comma list of ``lora,kernels,loss``.
+        """``auto``, ``all``, ``none`` / ``off``, or a comma list of ``lora,group,kernels,loss``.
 
         ``auto`` is ``all`` on CUDA and ``none`` elsewhere: the parts were measured on an H200
         only, and the CPU path keeps its own measured choices (shared LoRA dropout masks,
@@ -47,11 +51,11 @@ class FastOptions:
         """
         spec = spec.strip().lower()
         if spec == "auto":
-            return cls() if cuda else cls(lora=False, kernels=False, loss=False)
+            return cls() if cuda else cls(lora=False, group=False, kernels=False, loss=False)
         if spec in ("all", "on", "true"):
             return cls()
         if spec in ("none", "off", "false", ""):
-            return cls(lora=False, kernels=False, loss=False)
+            return cls(lora=False, group=False, kernels=False, loss=False)
         parts = [p.strip() for p in spec.split(",") if p.strip()]
         unknown = [p for p in parts if p not in FEATURES]
         if unknown:
@@ -59,7 +63,8 @@ class FastOptions:
                 f"--fast: unknown part {unknown[0]!r}; use all, none, or a comma list of "
                 f"{', '.join(FEATURES)}"
             )
-        return cls(lora="lora" in parts, kernels="kernels" in parts, loss="loss" in parts)
+        return cls(lora="lora" in parts, group="group" in parts, kernels="kernels" in parts,
+                   loss="loss" in parts)  # fmt: skip
 
 
 def apply_fast_path(model: nn.Module, options: FastOptions) -> list[str]:
@@ -75,6 +80,10 @@ def apply_fast_path(model: nn.Module, options: FastOptions) -> list[str]:
         patched, total = patch_lora_layers(model)
         if total:
             done.append(f"fused LoRA on {patched}/{total} layers")
+        if options.group and patched:
+            from tunesmith.model.fast.lora_group import group_lora_layers
+
+            done.append(f"grouped LoRA: {group_lora_layers(model)} QKV and gate/up groups")
     if options.kernels:
         done.append(_apply_kernels(model))
     if options.loss:

@@ -9,15 +9,19 @@ checkpointing that happens twice per step. Here one ``torch.autograd.Function`` 
     y += s * (x @ A.T) @ B.T      two skinny GEMMs, the second accumulating into y (addmm)
 
 in the activations' dtype (bf16 on tensor cores), and saves only ``x`` (already kept alive by
-the caller) and the rank-r product ``x @ A.T``. Backward:
+the caller), the rank-r product ``x @ A.T`` and the compute-dtype copies of A and B. Backward:
 
     dB = s * dy.T @ (x A.T)       dA = s * (dy B).T @ x       dx = dy @ W + s * (dy B) @ A
 
 The frozen base weight is never copied; a 4-bit base is dequantized again in backward rather
 than kept (what bitsandbytes' own ``MatMul4Bit`` does too). The adapter weights keep their
-dtype (fp32 master weights by default): they are cast to the compute dtype inside, and their
-gradients cast back. The math is peft's exactly (same function of x, A, B, W); only rounding
-differs (bf16 products instead of the autocast's bf16 products in another order).
+dtype (fp32 master weights by default); their compute-dtype copies (A with the scaling folded
+in) are made once per optimizer step and cached (``compute_copy``), not on every call: the
+previous version cast them in forward, recompute and backward, eight more small kernels per
+layer and step, which cost ~80 ms of a 7B step on the H200 (host-bound; bench/RESULTS.md,
+issue 17, call 3). Gradients are cast back to the weights' dtype. The math is peft's exactly
+(same function of x, A, B, W); only rounding differs (bf16 products instead of the autocast's
+bf16 products in another order).
 
 ``patch_lora_layers`` swaps the forward of every peft LoRA layer it can serve (one active
 adapter, no DoRA, plain or bitsandbytes-4-bit base; LoRA dropout is drawn here and its mask
@@ -67,47 +71,66 @@ class LoraLinearFunction(torch.autograd.Function):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         w = _dense(weight, dtype)
-        a = lora_a.to(dtype)
-        b = lora_b.to(dtype)
+        # The adapter in the compute dtype with the scaling folded into A: cast once per
+        # optimizer step (cached), not on every call, recompute and backward.
+        a = compute_copy(lora_a, dtype, scaling)
+        b = compute_copy(lora_b, dtype)
         y = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
         xd = x2 if keep is None else _drop(x2, keep, keep_scale)
-        xa = xd @ a.t()
-        y.addmm_(xa, b.t(), alpha=scaling)
-        ctx.save_for_backward(x, lora_a, lora_b, xa, keep)
+        xa = xd @ a.t()  # s * x A^T
+        y.addmm_(xa, b.t())
+        ctx.save_for_backward(x, a, b, xa, keep)
         # The frozen base weight is held by reference, not through save_for_backward: the
         # checkpointing hooks would hand back a detached plain tensor, losing a 4-bit weight's
         # quant_state, and a parameter needs no saving anyway.
         ctx.weight = weight
         ctx.scaling = scaling
         ctx.keep_scale = keep_scale
+        ctx.dtypes = (lora_a.dtype, lora_b.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         """Gradients for x, A and B (the base weight and bias are frozen)."""
-        x, lora_a, lora_b, xa, keep = ctx.saved_tensors
-        weight = ctx.weight
+        x, a, b, xa, keep = ctx.saved_tensors  # a = s * A and b = B, compute dtype
         s = ctx.scaling
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
-        a = lora_a.to(dtype)
-        b = lora_b.to(dtype)
         dyb = dy2 @ b  # (n, r)
         dx = da = db = None
         if ctx.needs_input_grad[0]:
-            dx = dy2 @ _dense(weight, dtype)
+            dx = dy2 @ _dense(ctx.weight, dtype)
             if keep is None:
-                dx.addmm_(dyb, a, alpha=s)
+                dx.addmm_(dyb, a)
             else:  # the adapter's share passes back through the same dropout mask
-                dx.add_(_drop(dyb @ a, keep, s * ctx.keep_scale))
+                dx.add_(_drop(dyb @ a, keep, ctx.keep_scale))
             dx = dx.view(x.shape)
         if ctx.needs_input_grad[3]:
             xd = x2 if keep is None else _drop(x2, keep, ctx.keep_scale)
-            da = (dyb.t() @ xd).mul_(s).to(lora_a.dtype)
+            da = _scaled(dyb.t() @ xd, s, ctx.dtypes[0])
         if ctx.needs_input_grad[4]:
-            db = (dy2.t() @ xa).mul_(s).to(lora_b.dtype)
+            db = (dy2.t() @ xa).to(ctx.dtypes[1])  # xa carries the scaling already
         return dx, None, None, da, db, None, None, None
+
+
+def compute_copy(p: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """``p * scale`` in ``dtype``, cached on ``p`` until it changes (its version counter moves
+    with every in-place optimizer update; its storage changes when it is replaced)."""
+    key = (p.data_ptr(), p._version, dtype, scale)
+    cached = getattr(p, "_tunesmith_copy", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        t = p.to(dtype) if scale == 1.0 else (p * scale).to(dtype)
+    p._tunesmith_copy = (key, t)  # type: ignore[attr-defined]
+    return t
+
+
+def _scaled(t: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
+    """``t * s`` in ``dtype`` (one kernel when ``dtype`` is wider than ``t``'s)."""
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    return torch.mul(t, s, out=out)
 
 
 def _drop(t: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
@@ -196,5 +219,6 @@ def patch_lora_layers(model: nn.Module) -> tuple[int, int]:
         total += 1
         if fusable(module):
             module.forward = types.MethodType(_fused_forward, module)
+            module._tunesmith_fused = True
             patched += 1
     return patched, total

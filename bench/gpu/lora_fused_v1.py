@@ -1,0 +1,204 @@
+"""The previous fused LoRA function (src/tunesmith/model/fast/lora_fused.py before issue 17's
+second session), kept only for ``bench/gpu_ablate.py``'s ``v1`` variant: casts the fp32
+adapter on every call and saves the fp32 parameters. Its original docstring follows.
+
+LoRA linear layers as one autograd function: base matmul + adapter in the compute dtype.
+
+peft's ``lora.Linear`` runs ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` as separate
+modules: each is its own autograd node that saves its own input, casts the fp32 adapter
+weights on every call and launches a scale and an add of its own; under gradient
+checkpointing that happens twice per step. Here one ``torch.autograd.Function`` does
+
+    y = x @ W.T (+ bias)          one GEMM (for a 4-bit base: W dequantized just for it)
+    y += s * (x @ A.T) @ B.T      two skinny GEMMs, the second accumulating into y (addmm)
+
+in the activations' dtype (bf16 on tensor cores), and saves only ``x`` (already kept alive by
+the caller) and the rank-r product ``x @ A.T``. Backward:
+
+    dB = s * dy.T @ (x A.T)       dA = s * (dy B).T @ x       dx = dy @ W + s * (dy B) @ A
+
+The frozen base weight is never copied; a 4-bit base is dequantized again in backward rather
+than kept (what bitsandbytes' own ``MatMul4Bit`` does too). The adapter weights keep their
+dtype (fp32 master weights by default): they are cast to the compute dtype inside, and their
+gradients cast back. The math is peft's exactly (same function of x, A, B, W); only rounding
+differs (bf16 products instead of the autocast's bf16 products in another order).
+
+``patch_lora_layers`` swaps the forward of every peft LoRA layer it can serve (one active
+adapter, no DoRA, plain or bitsandbytes-4-bit base; LoRA dropout is drawn here and its mask
+saved as one byte an element) and leaves the others alone; the modules, parameter names and
+checkpoints stay peft's.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight as a (out, in) matrix in ``dtype``; a bnb 4-bit one is dequantized."""
+    quant_state = getattr(weight, "quant_state", None)  # bitsandbytes Params4bit only
+    if quant_state is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, quant_state).to(dtype)
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """``x @ W.T + bias + scaling * (drop(x) @ A.T) @ B.T`` with a hand-written backward.
+
+    ``keep`` is the dropout's boolean mask (None: no dropout) and ``keep_scale`` its 1/(1-p);
+    the mask (one byte an element) is saved instead of the dropped-out copy of ``x``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+        keep: torch.Tensor | None,
+        keep_scale: float,
+    ) -> torch.Tensor:
+        """Forward; ``x`` is (..., in), the result (..., out) in ``x``'s dtype."""
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        w = _dense(weight, dtype)
+        a = lora_a.to(dtype)
+        b = lora_b.to(dtype)
+        y = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+        xd = x2 if keep is None else _drop(x2, keep, keep_scale)
+        xa = xd @ a.t()
+        y.addmm_(xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(x, lora_a, lora_b, xa, keep)
+        # The frozen base weight is held by reference, not through save_for_backward: the
+        # checkpointing hooks would hand back a detached plain tensor, losing a 4-bit weight's
+        # quant_state, and a parameter needs no saving anyway.
+        ctx.weight = weight
+        ctx.scaling = scaling
+        ctx.keep_scale = keep_scale
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        """Gradients for x, A and B (the base weight and bias are frozen)."""
+        x, lora_a, lora_b, xa, keep = ctx.saved_tensors
+        weight = ctx.weight
+        s = ctx.scaling
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+        a = lora_a.to(dtype)
+        b = lora_b.to(dtype)
+        dyb = dy2 @ b  # (n, r)
+        dx = da = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dy2 @ _dense(weight, dtype)
+            if keep is None:
+                dx.addmm_(dyb, a, alpha=s)
+            else:  # the adapter's share passes back through the same dropout mask
+                dx.add_(_drop(dyb @ a, keep, s * ctx.keep_scale))
+            dx = dx.view(x.shape)
+        if ctx.needs_input_grad[3]:
+            xd = x2 if keep is None else _drop(x2, keep, ctx.keep_scale)
+            da = (dyb.t() @ xd).mul_(s).to(lora_a.dtype)
+        if ctx.needs_input_grad[4]:
+            db = (dy2.t() @ xa).mul_(s).to(lora_b.dtype)
+        return dx, None, None, da, db, None, None, None
+
+
+def _drop(t: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t`` with the dropped elements zeroed and the kept ones scaled by ``scale``."""
+    return t * keep.view(t.shape) * scale
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Functional form of :class:`LoraLinearFunction` (what the patched layers call).
+
+    With ``dropout`` > 0 and no ``keep`` mask given, one is drawn (as ``nn.Dropout`` would in
+    training mode: each element kept with probability 1 - dropout).
+    """
+    if dropout > 0 and keep is None:
+        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - dropout)
+    scale = 1.0 / (1.0 - dropout) if dropout > 0 else 1.0
+    return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, keep, scale)
+
+
+def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    # Anything the fused path does not model (adapters switched off or merged, several or
+    # mixed-batch adapters) goes through peft's own forward, unchanged.
+    active = self.active_adapters
+    if self.disable_adapters or self.merged or len(active) != 1 or args or kwargs:
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    if name not in self.lora_A:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.base_layer
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    return lora_linear(
+        x,
+        base.weight,
+        base.bias,
+        self.lora_A[name].weight,
+        self.lora_B[name].weight,
+        float(self.scaling[name]),
+        dropout=p,
+    )
+
+
+def fusable(module: nn.Module) -> bool:
+    """Whether ``module`` is a peft LoRA layer the fused function computes exactly."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    kinds: tuple[type, ...] = (LoraLinear,)
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+
+        kinds = (LoraLinear, Linear4bit)
+    except ImportError:  # bitsandbytes not installed: no 4-bit layers exist either
+        pass
+    if not isinstance(module, kinds):
+        return False
+    if len(module.lora_A) != 1 or module.lora_variant:  # DoRA and friends
+        return False
+    dropout = next(iter(module.lora_dropout.values()))
+    if type(dropout) not in (nn.Identity, nn.Dropout):
+        return False
+    base = module.base_layer
+    # bnb.nn.Linear4bit subclasses nn.Linear; Conv1D-style (fan_in_fan_out) layers are not served.
+    return isinstance(base, nn.Linear) and not getattr(base, "fan_in_fan_out", False)
+
+
+def patch_lora_layers(model: nn.Module) -> tuple[int, int]:
+    """Route every fusable peft LoRA layer through the fused function.
+
+    Returns (patched, LoRA layers in all); layers left alone keep peft's forward.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    patched = total = 0
+    for module in model.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        total += 1
+        if fusable(module):
+            module.forward = types.MethodType(_fused_forward, module)
+            patched += 1
+    return patched, total
