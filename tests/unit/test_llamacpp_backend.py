@@ -331,3 +331,21 @@ def test_interrupted_export_leaves_no_file(misfit, tiny_model_dir, monkeypatch) 
                  "--infer_backend", "llamacpp"])  # fmt: skip
     assert code == 130  # Ctrl-C during the export
     assert sorted(p.name for p in adapter.parent.iterdir()) == ["checkpoint-2"]
+
+
+@needs_llama_cpp
+def test_load_primes_the_shared_prompt_start(engine) -> None:
+    """At load, llama.cpp already holds the prompt start of every first turn (the template's
+    header and default system prompt), so a first answer evaluates only the user's words,
+    and the answer is the same as from a cold cache."""
+    from tunesmith.infer.llamacpp_backend import prime, render_prompt, shared_prefix
+
+    prime(engine)
+    n = engine.llm.n_tokens
+    assert n == len(shared_prefix(engine, engine.system)) > 0
+    for q in ("Say hello.", "你好"):
+        assert render_prompt(engine, msgs(q))[:n] == engine.llm.input_ids[:n].tolist()
+    gen = GenOptions(max_new_tokens=10, temperature=0)
+    primed = engine.generate(msgs("Why?"), gen)
+    engine.llm.n_tokens = 0  # cold
+    assert engine.generate(msgs("Why?"), gen) == primed

@@ -31,15 +31,30 @@ import codecs
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tunesmith.config import InferCommandArgs
+from tunesmith.infer.llamacpp_sampling import (
+    GenOptions,
+    Sampling,
+    gen_options,
+    generation_config,
+    pick_token,
+    resolve_sampling,
+    token_probs,
+)
 from tunesmith.options import model_options
 from tunesmith.utils import UserError, error_line, logger
+
+__all__ = [  # the sampling names stay importable from here (eval, bench and tests use them)
+    "GenOptions", "LlamaCppEngine", "Sampling", "choose_backend", "cpu_threads", "gen_options",
+    "generate_ids", "generation_config", "import_llama_cpp", "load_gguf", "load_llamacpp",
+    "pick_token", "render_prompt", "resolve_sampling", "stream_text", "token_probs",
+]  # fmt: skip
 
 INSTALL_HINT = (
     "pip install 'tunesmith[llamacpp]' (it compiles llama.cpp: a C++ compiler and cmake, "
@@ -51,114 +66,6 @@ and whose answers the equivalence tests compare with ``pt``'s."""
 DEFAULT_MAX_CTX = 8192
 """Context size without ``--max_model_len`` (the model's own when smaller): llama.cpp allocates
 the whole KV cache up front, and 32k tokens of a 7B model would be 1.8 GB."""
-
-
-@dataclass
-class GenOptions:
-    """How to generate one answer; ``None`` keeps the model's generation config, as on ``pt``."""
-
-    max_new_tokens: int = 512
-    """Most tokens generated (fewer when the context is full)."""
-    temperature: float | None = None
-    """Sampling temperature; 0 = greedy."""
-    top_p: float | None = None
-    """Nucleus sampling probability mass."""
-    top_k: int | None = None
-    """Sample from the k most likely tokens."""
-    repetition_penalty: float | None = None
-    """transformers' repetition penalty over prompt and answer (1.0 = none)."""
-    seed: int | None = None
-    """Seed this answer's sampling alone; None continues the engine's random stream."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end the answer (not included in it)."""
-
-
-def gen_options(args: InferCommandArgs) -> GenOptions:
-    """The ``GenOptions`` of ``infer``'s flags (``--max_new_tokens``, ``--temperature`` …)."""
-    return GenOptions(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-    )
-
-
-@dataclass
-class Sampling:
-    """Resolved sampling settings of one request (transformers' defaults under the flags)."""
-
-    do_sample: bool
-    """False: greedy (argmax after the repetition penalty)."""
-    temperature: float
-    """Divides the logits when sampling."""
-    top_k: int
-    """Keep the k most likely tokens (0: all)."""
-    top_p: float
-    """Keep the smallest set of tokens whose probability reaches this."""
-    repetition_penalty: float
-    """Logits of tokens already in the sequence: divided (positive) or multiplied (negative)."""
-
-
-def resolve_sampling(gen: GenOptions, defaults: dict[str, Any]) -> Sampling:
-    """``gen`` over the model's generation config over transformers' defaults, as ``pt`` does."""
-
-    def pick(name: str, fallback: Any) -> Any:
-        value = getattr(gen, name)
-        return value if value is not None else defaults.get(name, fallback)
-
-    if gen.temperature is not None:
-        do_sample = gen.temperature > 0
-    else:
-        do_sample = bool(defaults.get("do_sample", False))
-    temperature = float(pick("temperature", 1.0)) if do_sample else 1.0
-    return Sampling(do_sample, temperature, int(pick("top_k", 50) or 0),
-                    float(pick("top_p", 1.0)), float(pick("repetition_penalty", 1.0)))  # fmt: skip
-
-
-def generation_config(model_dir: Path | None) -> dict[str, Any]:
-    """The sampling keys of ``model_dir/generation_config.json`` ({} when absent)."""
-    path = model_dir / "generation_config.json" if model_dir else None
-    if path is None or not path.is_file():
-        return {}
-    cfg = json.loads(path.read_text(encoding="utf-8"))
-    keys = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
-    return {k: cfg[k] for k in keys if cfg.get(k) is not None}
-
-
-def token_probs(logits: np.ndarray, seen: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
-    """The candidate next tokens and their probabilities, from the last position's ``logits``
-    (float32, modified in place); greedy decoding gives the one argmax token.
-
-    ``seen`` marks every token id of the sequence so far (prompt included), as transformers'
-    ``RepetitionPenaltyLogitsProcessor`` reads ``input_ids``; the order of the warpers
-    (penalty, temperature, top-k, top-p) is ``generate``'s.
-    """
-    if s.repetition_penalty != 1.0:
-        rp = s.repetition_penalty
-        hit = logits[seen]
-        logits[seen] = np.where(hit < 0, hit * rp, hit / rp)
-    if not s.do_sample:
-        return np.array([int(np.argmax(logits))]), np.ones(1)
-    ids = np.arange(logits.size)
-    if 0 < s.top_k < logits.size:
-        ids = np.argpartition(-logits, s.top_k - 1)[: s.top_k]
-    vals = logits[ids].astype(np.float64) / s.temperature
-    order = np.argsort(-vals, kind="stable")
-    ids, vals = ids[order], vals[order]
-    probs = np.exp(vals - vals[0])
-    probs /= probs.sum()
-    if s.top_p < 1.0:
-        # Keep tokens until their mass reaches top_p (the one that crosses it included).
-        keep = int(np.searchsorted(np.cumsum(probs), s.top_p) + 1)
-        ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
-    return ids, probs
-
-
-def pick_token(logits: np.ndarray, seen: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
-    """The next token: :func:`token_probs`' argmax, or a draw from its distribution."""
-    ids, probs = token_probs(logits, seen, s)
-    return int(ids[0]) if ids.size == 1 else int(rng.choice(ids, p=probs))
 
 
 def pt_only_flags(args: InferCommandArgs) -> list[str]:
@@ -350,8 +257,33 @@ def load_gguf(
     }
     logger.info(f"llama.cpp loaded {path.name} ({header['arch']}, context {n_ctx}, "
                 f"{threads} threads)")  # fmt: skip
-    return LlamaCppEngine(llm, path, system, defaults or {}, header["chat_template"], special,
-                          n_ctx, np.random.default_rng(seed))  # fmt: skip
+    engine = LlamaCppEngine(llm, path, system, defaults or {}, header["chat_template"], special,
+                            n_ctx, np.random.default_rng(seed))  # fmt: skip
+    prime(engine)
+    return engine
+
+
+def shared_prefix(engine: LlamaCppEngine, system: str | None) -> list[int]:
+    """The prompt tokens every first turn under ``system`` begins with (the template's header,
+    the system prompt or the template's default one), without the last of them, which a
+    user's first word might merge with."""
+    head = [{"role": "system", "content": system}] if system is not None else []
+    a, b = (render_prompt(engine, [*head, {"role": "user", "content": q}]) for q in ("A", "B"))
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+    return a[: max(n - 1, 0)]
+
+
+def prime(engine: LlamaCppEngine) -> None:
+    """Evaluate the default system prompt's :func:`shared_prefix` once, at load.
+
+    The first answer then evaluates only the user's words (``_prefill`` keeps a shared
+    prefix), and the one-off costs of a first request are paid before anyone waits: importing
+    and compiling the chat template (0.7 s) and reading the mapped weights into memory (a
+    first 64-token prefill of the demo model took 1.2 s, later ones 0.35 s; bench/RESULTS.md).
+    """
+    ids = shared_prefix(engine, engine.system) or [engine.llm.token_bos()]
+    engine.llm.n_tokens = 0
+    engine.llm.eval(ids[: engine.n_ctx - 1])  # a tiny --max_model_len: part of it still helps
 
 
 def load_llamacpp(args: InferCommandArgs) -> LlamaCppEngine:
