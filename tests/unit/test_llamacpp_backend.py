@@ -16,13 +16,8 @@ import torch
 from llamacpp_util import first_divergence, needs_llama_cpp
 from tunesmith.cli import main, parse_args
 from tunesmith.config import InferCommandArgs
-from tunesmith.infer.llamacpp_backend import (
-    GenOptions,
-    Sampling,
-    choose_backend,
-    resolve_sampling,
-    token_probs,
-)
+from tunesmith.infer.llamacpp_backend import choose_backend
+from tunesmith.infer.llamacpp_sampling import GenOptions, Sampling, resolve_sampling, token_probs
 
 pytestmark = pytest.mark.usefixtures("isolated_torch")
 QUESTIONS = ["Say hello.", "你好, who are you?", "Echo 3.", "Count: 1 2 3", "Why?"]

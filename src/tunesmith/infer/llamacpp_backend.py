@@ -41,20 +41,12 @@ from tunesmith.config import InferCommandArgs
 from tunesmith.infer.llamacpp_sampling import (
     GenOptions,
     Sampling,
-    gen_options,
     generation_config,
     pick_token,
     resolve_sampling,
-    token_probs,
 )
 from tunesmith.options import model_options
 from tunesmith.utils import UserError, error_line, logger
-
-__all__ = [  # the sampling names stay importable from here (eval, bench and tests use them)
-    "GenOptions", "LlamaCppEngine", "Sampling", "choose_backend", "cpu_threads", "gen_options",
-    "generate_ids", "generation_config", "import_llama_cpp", "load_gguf", "load_llamacpp",
-    "pick_token", "render_prompt", "resolve_sampling", "stream_text", "token_probs",
-]  # fmt: skip
 
 INSTALL_HINT = (
     "pip install 'tunesmith[llamacpp]' (it compiles llama.cpp: a C++ compiler and cmake, "
@@ -302,16 +294,23 @@ def load_llamacpp(args: InferCommandArgs) -> LlamaCppEngine:
                      defaults=generation_config(base_dir), seed=args.seed)  # fmt: skip
 
 
-def render_prompt(engine: LlamaCppEngine, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of ``messages`` with the generation prompt, as ``pt`` renders and tokenizes
-    them (transformers' Jinja renderer, no BOS beyond what the template writes)."""
+def render_text(engine: LlamaCppEngine, messages: list[dict[str, str]]) -> str:
+    """``messages`` rendered by the GGUF's chat template with the generation prompt
+    (transformers' Jinja renderer, as ``pt``'s ``apply_chat_template``)."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     rendered, _ = render_jinja_template(
         conversations=[messages], chat_template=engine.chat_template,
         add_generation_prompt=True, **engine.special,
     )  # fmt: skip
-    return engine.llm.tokenize(rendered[0].encode("utf-8"), add_bos=False, special=True)
+    return rendered[0]
+
+
+def render_prompt(engine: LlamaCppEngine, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` with the generation prompt, as ``pt`` renders and tokenizes
+    them (no BOS beyond what the template writes)."""
+    return engine.llm.tokenize(render_text(engine, messages).encode("utf-8"), add_bos=False,
+                               special=True)  # fmt: skip
 
 
 def _prefill(llm: Any, ids: list[int]) -> None:
@@ -332,23 +331,36 @@ def generate_ids(
     engine: LlamaCppEngine, messages: list[dict[str, str]], gen: GenOptions
 ) -> Iterator[int]:
     """The answer's token ids, one at a time (end-of-generation token excluded)."""
-    import llama_cpp
-
-    llm = engine.llm
     ids = render_prompt(engine, messages)
     if len(ids) >= engine.n_ctx:
         raise UserError(
             f"the conversation is {len(ids)} tokens, more than --max_model_len {engine.n_ctx} "
             "leaves room for; shorten it (/clear in the chat) or raise --max_model_len"
         )
-    s = resolve_sampling(gen, engine.defaults)
     rng = engine.rng if gen.seed is None else np.random.default_rng(gen.seed)
+    s = resolve_sampling(gen, engine.defaults)
+    return decode_ids(engine, ids, s, rng, gen.max_new_tokens)
+
+
+def decode_ids(
+    engine: LlamaCppEngine, ids: list[int], s: Sampling, rng: np.random.Generator, max_new: int
+) -> Iterator[int]:
+    """The answer to prompt ``ids`` (shorter than the context) under resolved sampling ``s``:
+    token ids one at a time, at most ``max_new`` and what the context has room for, until an
+    end-of-generation token (not yielded). Closing the iterator early is safe: the KV cache
+    stays consistent with ``llm.n_tokens``."""
+    import llama_cpp
+
+    llm = engine.llm
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     n_vocab = llm.n_vocab()
     seen = np.zeros(n_vocab, dtype=bool)
     seen[ids] = True
     _prefill(llm, ids)
-    for _ in range(min(gen.max_new_tokens, engine.n_ctx - len(ids))):
+    token = -1
+    for i in range(min(max_new, engine.n_ctx - len(ids))):
+        if i:  # the previous token, evaluated only when another one is wanted
+            llm.eval([token])
         ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
         logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
         token = pick_token(logits, seen, s, rng)
@@ -356,7 +368,6 @@ def generate_ids(
             return
         yield token
         seen[token] = True
-        llm.eval([token])
 
 
 def _held_back(text: str, stops: list[str]) -> int:
