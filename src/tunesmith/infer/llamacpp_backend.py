@@ -141,22 +141,17 @@ def cpu_threads() -> int:
 
 def gguf_header(path: Path) -> dict[str, Any]:
     """Architecture, training context length and chat template of a GGUF file (no weights read)."""
-    from gguf import GGUFReader
+    from tunesmith.model.gguf_header import GGUFFormatError, read_kv
 
     try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as e:
+        kv = read_kv(path)
+    except (GGUFFormatError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable GGUF file ({error_line(e)})") from None
-
-    def value(key: str) -> Any:
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else None
-
-    arch = value("general.architecture")
+    arch = kv.get("general.architecture")
     return {
         "arch": arch,
-        "context_length": value(f"{arch}.context_length"),
-        "chat_template": value("tokenizer.chat_template"),
+        "context_length": kv.get(f"{arch}.context_length"),
+        "chat_template": kv.get("tokenizer.chat_template"),
     }
 
 
