@@ -344,3 +344,23 @@ def test_load_primes_the_shared_prompt_start(engine) -> None:
     primed = engine.generate(msgs("Why?"), gen)
     engine.llm.n_tokens = 0  # cold
     assert engine.generate(msgs("Why?"), gen) == primed
+
+
+@needs_llama_cpp
+def test_unsupported_hf_architecture_writes_nothing(tiny_model_dir, tmp_path, capsys) -> None:
+    """A model directory the GGUF writer cannot convert: one sentence, exit 2, and nothing
+    (not even a temporary file) in the GGUF cache."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from tunesmith.utils import cache_dir
+
+    model_dir = tmp_path / "tiny-gpt2"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    before = sorted((cache_dir() / "gguf").glob("*")) if (cache_dir() / "gguf").is_dir() else []
+    code, err = run(capsys, "infer", "--model", str(model_dir), "--infer_backend", "llamacpp")
+    assert code == 2 and "does not support the architecture 'gpt2'" in err
+    after = sorted((cache_dir() / "gguf").glob("*")) if (cache_dir() / "gguf").is_dir() else []
+    assert after == before
