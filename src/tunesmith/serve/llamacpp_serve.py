@@ -173,7 +173,7 @@ class LlamaScheduler:
         budget = min(job.max_tokens, engine.n_ctx - len(job.prompt))
         answer = b""
         for token in decode_ids(engine, job.prompt, s, np.random.default_rng(q.seed), budget):
-            if job.cancelled.is_set():
+            if job.cancelled.is_set() or self.stopping:
                 return
             if time.monotonic() > job.deadline:
                 job.emit("done", ("timeout", len(job.tokens)))
