@@ -12,8 +12,9 @@ Variants, all in one process on the same weights and the same prompt ids:
   tunesmith_fast_cpu_compiled   (``--cpu-compile``) the fast path with torch.compile forced on
                         CPU, to measure whether it pays there
   llamacpp_f16, _q8_0   (``--llamacpp f16,q8_0``) the llamacpp backend on the model's GGUF
-                        export (bench/llamacpp_rows.py); ``--batch N`` adds batch-inference
-                        rows of both backends (records/s over N chat questions)
+                        export (bench/llamacpp_rows.py), then chat time-to-first-text rows
+                        of both backends; ``--batch N`` adds batch-inference rows of both
+                        (records/s and answer tokens/s over N chat questions)
 
 same_tokens_as_default: the greedy ids equal those of the same weights' default path (the
 last non-fast variant before it).
@@ -196,6 +197,9 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--llamacpp", help="also these GGUF types on llama.cpp, e.g. f16,q8_0")
     ap.add_argument("--batch", type=int, default=0, help="batch-inference rows over N questions")
+    ap.add_argument(
+        "--batch-only", action="store_true", help="only the --batch rows (no decode rows)"
+    )  # fmt: skip
     ap.add_argument("--out", help="also append the JSON lines to this file")
     a = ap.parse_args()
     cuda = torch.cuda.is_available() and a.device != "cpu"
@@ -276,6 +280,14 @@ def main() -> None:
         for mod in m.modules():
             mod.__dict__.pop("_compiled_call", None)
 
+    if a.batch_only:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from llamacpp_rows import batch_rows
+
+        types = a.llamacpp.split(",") if a.llamacpp else []
+        for row in batch_rows(a.model, model_dir, types, a.batch, new, dtype):
+            emit(row | {"device": cpu_name(), "threads": torch.get_num_threads()})
+        return
     report("hf_generate", model, lambda clock: model.generate(ids, attention_mask=mask, **gen,
                                                               streamer=clock))  # fmt: skip
     engine_variants("tunesmith", model)
@@ -314,7 +326,7 @@ def llamacpp_variants(
 ) -> None:
     """The llamacpp rows (and batch rows) beside the pt rows just measured."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from llamacpp_rows import batch_rows, decode_rows
+    from llamacpp_rows import batch_rows, chat_ttft_rows, decode_rows
 
     model_dir, dtype, new = pt_run
     types = a.llamacpp.split(",") if a.llamacpp else []
@@ -331,6 +343,9 @@ def llamacpp_variants(
               **extra, **info})  # fmt: skip
 
     decode_rows(a.model, types, ids, new, a.warmup, a.repeat or 2, report)
+    if types:
+        for row in chat_ttft_rows(a.model, model_dir, types, dtype, new):
+            emit(row | info)
     if a.batch:
         for row in batch_rows(a.model, model_dir, types, a.batch, new, dtype):
             emit(row | info)

@@ -6,6 +6,12 @@ does) decodes exactly ``new`` greedy tokens from the same prompt ids as the pt r
 the backend's own loop (prefill, then per token: logits, ``pick_token``, ``Llama.eval``), the
 KV cache emptied before every run so that ttft_s includes the whole prefill.
 
+chat TTFT rows: how long a user waits for the first text of an answer, as ``tunesmith infer``
+streams it: the engine loaded as infer loads it (llamacpp: primed with the template's shared
+prompt start), then one chat question after another (the default system prompt, the chat
+template, tokenizing, prefill, first token, its text): the first answer after load, and the
+median of the next ones (each a new question, so only the shared start is reused).
+
 batch rows: ``N`` chat questions answered greedily (at most ``new`` tokens each) by
 ``tunesmith infer --val_dataset``'s code: the pt engine's left-padded batches of 8
 (``batch.answer_all``) and the llamacpp engine's one-at-a-time ``generate_many``.
@@ -77,6 +83,72 @@ def decode_rows(
         extra = {"gguf_gb": round(path.stat().st_size / 1e9, 3), "threads": engine.llm.n_threads}
         report(f"llamacpp_{t}", tps, ttft, runs[-1][2], extra)
         del engine
+
+
+class FirstText:
+    """A text sink (``stream_to``) that notes when the first piece arrives."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def write(self, text: str) -> None:
+        """Note the time of the first non-empty piece."""
+        if text and self.at is None:
+            self.at = time.perf_counter()
+
+    def flush(self) -> None:
+        """Nothing to flush."""
+
+
+def chat_ttft_rows(model: str, model_dir: Any, types: list[str], dtype: Any, new: int) -> list:
+    """Time to the first text of chat answers, pt (its default decode path) then llamacpp."""
+    import statistics
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.infer.engine import Engine, chat_messages, generate
+    from tunesmith.infer.llamacpp_backend import GenOptions, load_gguf
+    from tunesmith.model.load import load_tokenizer
+
+    convs = [chat_messages(None, [], q) for q in QUESTIONS]
+
+    def row(variant: str, load_s: float, first: Any) -> dict:
+        times = []
+        for messages in convs:
+            start = time.perf_counter()
+            at = first(messages)
+            times.append(at - start)
+        return {"variant": variant, "load_s": round(load_s, 2), "chat_ttft_first_s":
+                round(times[0], 4), "chat_ttft_median_s": round(statistics.median(times[1:]), 4),
+                "chat_ttft_max_s": round(max(times[1:]), 4), "questions": len(convs)}  # fmt: skip
+
+    start = time.perf_counter()
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    tok = load_tokenizer(model_dir)
+    pt = Engine(m, tok, None, torch.device("cpu"))
+    kw = {"max_new_tokens": 2, "do_sample": False, "pad_token_id": tok.pad_token_id}
+
+    def pt_first(messages: list, pt: Any = pt) -> float:
+        sink = FirstText()
+        generate(pt, messages, kw, stream_to=sink)
+        return sink.at or time.perf_counter()
+
+    rows = [row("pt_chat", time.perf_counter() - start, pt_first)]
+    del pt, m
+    gen = GenOptions(max_new_tokens=2, temperature=0)
+    for t in types:
+        start = time.perf_counter()
+        engine = load_gguf(export(model, t))
+
+        def first(messages: list, engine: Any = engine) -> float:
+            for _piece in engine.stream(messages, gen):
+                return time.perf_counter()
+            return time.perf_counter()
+
+        rows.append(row(f"llamacpp_{t}_chat", time.perf_counter() - start, first))
+        del engine
+    return rows
 
 
 def batch_rows(

@@ -440,9 +440,17 @@ class DeployArgs(ModelArgs):
     )
     infer_backend: str = arg(
         "pt",
-        "inference engine: pt (dynamic batching in PyTorch); vllm is not implemented for "
-        "deploy yet",
-        choices=("pt", "vllm"),
+        "inference engine: pt (dynamic batching in PyTorch), llamacpp (CPUs, pip install "
+        "'tunesmith[llamacpp]'; one request at a time, each model a cached GGUF export); vllm "
+        "is not implemented for deploy yet",
+        choices=("pt", "vllm", "llamacpp"),
+    )
+    gguf_type: str = arg(
+        "f16", "llamacpp: type of the weight matrices of the GGUF files it exports and caches",
+        choices=("f16", "bf16", "q8_0"),
+    )  # fmt: skip
+    max_model_len: int | None = arg(
+        None, "llamacpp: context size, prompt + answer (none: the model's, at most 8192)"
     )
     adapter_root: str | None = arg(
         None,

@@ -16,13 +16,8 @@ import torch
 from llamacpp_util import first_divergence, needs_llama_cpp
 from tunesmith.cli import main, parse_args
 from tunesmith.config import InferCommandArgs
-from tunesmith.infer.llamacpp_backend import (
-    GenOptions,
-    Sampling,
-    choose_backend,
-    resolve_sampling,
-    token_probs,
-)
+from tunesmith.infer.llamacpp_backend import choose_backend
+from tunesmith.infer.llamacpp_sampling import GenOptions, Sampling, resolve_sampling, token_probs
 
 pytestmark = pytest.mark.usefixtures("isolated_torch")
 QUESTIONS = ["Say hello.", "你好, who are you?", "Echo 3.", "Count: 1 2 3", "Why?"]
@@ -331,3 +326,41 @@ def test_interrupted_export_leaves_no_file(misfit, tiny_model_dir, monkeypatch) 
                  "--infer_backend", "llamacpp"])  # fmt: skip
     assert code == 130  # Ctrl-C during the export
     assert sorted(p.name for p in adapter.parent.iterdir()) == ["checkpoint-2"]
+
+
+@needs_llama_cpp
+def test_load_primes_the_shared_prompt_start(engine) -> None:
+    """At load, llama.cpp already holds the prompt start of every first turn (the template's
+    header and default system prompt), so a first answer evaluates only the user's words,
+    and the answer is the same as from a cold cache."""
+    from tunesmith.infer.llamacpp_backend import prime, render_prompt, shared_prefix
+
+    prime(engine)
+    n = engine.llm.n_tokens
+    assert n == len(shared_prefix(engine, engine.system)) > 0
+    for q in ("Say hello.", "你好"):
+        assert render_prompt(engine, msgs(q))[:n] == engine.llm.input_ids[:n].tolist()
+    gen = GenOptions(max_new_tokens=10, temperature=0)
+    primed = engine.generate(msgs("Why?"), gen)
+    engine.llm.n_tokens = 0  # cold
+    assert engine.generate(msgs("Why?"), gen) == primed
+
+
+@needs_llama_cpp
+def test_unsupported_hf_architecture_writes_nothing(tiny_model_dir, tmp_path, capsys) -> None:
+    """A model directory the GGUF writer cannot convert: one sentence, exit 2, and nothing
+    (not even a temporary file) in the GGUF cache."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from tunesmith.utils import cache_dir
+
+    model_dir = tmp_path / "tiny-gpt2"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    before = sorted((cache_dir() / "gguf").glob("*")) if (cache_dir() / "gguf").is_dir() else []
+    code, err = run(capsys, "infer", "--model", str(model_dir), "--infer_backend", "llamacpp")
+    assert code == 2 and "does not support the architecture 'gpt2'" in err
+    after = sorted((cache_dir() / "gguf").glob("*")) if (cache_dir() / "gguf").is_dir() else []
+    assert after == before

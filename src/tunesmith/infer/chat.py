@@ -101,7 +101,8 @@ def _vllm_backend(args: InferCommandArgs) -> tuple[Any, Reply, ReplyMany]:
 
 def _llamacpp_backend(args: InferCommandArgs) -> tuple[Any, Reply, ReplyMany]:
     """llama.cpp on the GGUF export of the model (merged with the adapters), cached."""
-    from tunesmith.infer.llamacpp_backend import gen_options, load_llamacpp, pt_only_flags
+    from tunesmith.infer.llamacpp_backend import load_llamacpp, pt_only_flags
+    from tunesmith.infer.llamacpp_sampling import gen_options
 
     if args.merge_lora:
         raise UserError(

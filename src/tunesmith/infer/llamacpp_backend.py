@@ -31,13 +31,20 @@ import codecs
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tunesmith.config import InferCommandArgs
+from tunesmith.infer.llamacpp_sampling import (
+    GenOptions,
+    Sampling,
+    generation_config,
+    pick_token,
+    resolve_sampling,
+)
 from tunesmith.options import model_options
 from tunesmith.utils import UserError, error_line, logger
 
@@ -51,114 +58,6 @@ and whose answers the equivalence tests compare with ``pt``'s."""
 DEFAULT_MAX_CTX = 8192
 """Context size without ``--max_model_len`` (the model's own when smaller): llama.cpp allocates
 the whole KV cache up front, and 32k tokens of a 7B model would be 1.8 GB."""
-
-
-@dataclass
-class GenOptions:
-    """How to generate one answer; ``None`` keeps the model's generation config, as on ``pt``."""
-
-    max_new_tokens: int = 512
-    """Most tokens generated (fewer when the context is full)."""
-    temperature: float | None = None
-    """Sampling temperature; 0 = greedy."""
-    top_p: float | None = None
-    """Nucleus sampling probability mass."""
-    top_k: int | None = None
-    """Sample from the k most likely tokens."""
-    repetition_penalty: float | None = None
-    """transformers' repetition penalty over prompt and answer (1.0 = none)."""
-    seed: int | None = None
-    """Seed this answer's sampling alone; None continues the engine's random stream."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end the answer (not included in it)."""
-
-
-def gen_options(args: InferCommandArgs) -> GenOptions:
-    """The ``GenOptions`` of ``infer``'s flags (``--max_new_tokens``, ``--temperature`` …)."""
-    return GenOptions(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-    )
-
-
-@dataclass
-class Sampling:
-    """Resolved sampling settings of one request (transformers' defaults under the flags)."""
-
-    do_sample: bool
-    """False: greedy (argmax after the repetition penalty)."""
-    temperature: float
-    """Divides the logits when sampling."""
-    top_k: int
-    """Keep the k most likely tokens (0: all)."""
-    top_p: float
-    """Keep the smallest set of tokens whose probability reaches this."""
-    repetition_penalty: float
-    """Logits of tokens already in the sequence: divided (positive) or multiplied (negative)."""
-
-
-def resolve_sampling(gen: GenOptions, defaults: dict[str, Any]) -> Sampling:
-    """``gen`` over the model's generation config over transformers' defaults, as ``pt`` does."""
-
-    def pick(name: str, fallback: Any) -> Any:
-        value = getattr(gen, name)
-        return value if value is not None else defaults.get(name, fallback)
-
-    if gen.temperature is not None:
-        do_sample = gen.temperature > 0
-    else:
-        do_sample = bool(defaults.get("do_sample", False))
-    temperature = float(pick("temperature", 1.0)) if do_sample else 1.0
-    return Sampling(do_sample, temperature, int(pick("top_k", 50) or 0),
-                    float(pick("top_p", 1.0)), float(pick("repetition_penalty", 1.0)))  # fmt: skip
-
-
-def generation_config(model_dir: Path | None) -> dict[str, Any]:
-    """The sampling keys of ``model_dir/generation_config.json`` ({} when absent)."""
-    path = model_dir / "generation_config.json" if model_dir else None
-    if path is None or not path.is_file():
-        return {}
-    cfg = json.loads(path.read_text(encoding="utf-8"))
-    keys = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
-    return {k: cfg[k] for k in keys if cfg.get(k) is not None}
-
-
-def token_probs(logits: np.ndarray, seen: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
-    """The candidate next tokens and their probabilities, from the last position's ``logits``
-    (float32, modified in place); greedy decoding gives the one argmax token.
-
-    ``seen`` marks every token id of the sequence so far (prompt included), as transformers'
-    ``RepetitionPenaltyLogitsProcessor`` reads ``input_ids``; the order of the warpers
-    (penalty, temperature, top-k, top-p) is ``generate``'s.
-    """
-    if s.repetition_penalty != 1.0:
-        rp = s.repetition_penalty
-        hit = logits[seen]
-        logits[seen] = np.where(hit < 0, hit * rp, hit / rp)
-    if not s.do_sample:
-        return np.array([int(np.argmax(logits))]), np.ones(1)
-    ids = np.arange(logits.size)
-    if 0 < s.top_k < logits.size:
-        ids = np.argpartition(-logits, s.top_k - 1)[: s.top_k]
-    vals = logits[ids].astype(np.float64) / s.temperature
-    order = np.argsort(-vals, kind="stable")
-    ids, vals = ids[order], vals[order]
-    probs = np.exp(vals - vals[0])
-    probs /= probs.sum()
-    if s.top_p < 1.0:
-        # Keep tokens until their mass reaches top_p (the one that crosses it included).
-        keep = int(np.searchsorted(np.cumsum(probs), s.top_p) + 1)
-        ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
-    return ids, probs
-
-
-def pick_token(logits: np.ndarray, seen: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
-    """The next token: :func:`token_probs`' argmax, or a draw from its distribution."""
-    ids, probs = token_probs(logits, seen, s)
-    return int(ids[0]) if ids.size == 1 else int(rng.choice(ids, p=probs))
 
 
 def pt_only_flags(args: InferCommandArgs) -> list[str]:
@@ -242,22 +141,17 @@ def cpu_threads() -> int:
 
 def gguf_header(path: Path) -> dict[str, Any]:
     """Architecture, training context length and chat template of a GGUF file (no weights read)."""
-    from gguf import GGUFReader
+    from tunesmith.model.gguf_header import GGUFFormatError, read_kv
 
     try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as e:
+        kv = read_kv(path)
+    except (GGUFFormatError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable GGUF file ({error_line(e)})") from None
-
-    def value(key: str) -> Any:
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else None
-
-    arch = value("general.architecture")
+    arch = kv.get("general.architecture")
     return {
         "arch": arch,
-        "context_length": value(f"{arch}.context_length"),
-        "chat_template": value("tokenizer.chat_template"),
+        "context_length": kv.get(f"{arch}.context_length"),
+        "chat_template": kv.get("tokenizer.chat_template"),
     }
 
 
@@ -350,8 +244,33 @@ def load_gguf(
     }
     logger.info(f"llama.cpp loaded {path.name} ({header['arch']}, context {n_ctx}, "
                 f"{threads} threads)")  # fmt: skip
-    return LlamaCppEngine(llm, path, system, defaults or {}, header["chat_template"], special,
-                          n_ctx, np.random.default_rng(seed))  # fmt: skip
+    engine = LlamaCppEngine(llm, path, system, defaults or {}, header["chat_template"], special,
+                            n_ctx, np.random.default_rng(seed))  # fmt: skip
+    prime(engine)
+    return engine
+
+
+def shared_prefix(engine: LlamaCppEngine, system: str | None) -> list[int]:
+    """The prompt tokens every first turn under ``system`` begins with (the template's header,
+    the system prompt or the template's default one), without the last of them, which a
+    user's first word might merge with."""
+    head = [{"role": "system", "content": system}] if system is not None else []
+    a, b = (render_prompt(engine, [*head, {"role": "user", "content": q}]) for q in ("A", "B"))
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+    return a[: max(n - 1, 0)]
+
+
+def prime(engine: LlamaCppEngine) -> None:
+    """Evaluate the default system prompt's :func:`shared_prefix` once, at load.
+
+    The first answer then evaluates only the user's words (``_prefill`` keeps a shared
+    prefix), and the one-off costs of a first request are paid before anyone waits: importing
+    and compiling the chat template (0.7 s) and reading the mapped weights into memory (a
+    first 64-token prefill of the demo model took 1.2 s, later ones 0.35 s; bench/RESULTS.md).
+    """
+    ids = shared_prefix(engine, engine.system) or [engine.llm.token_bos()]
+    engine.llm.n_tokens = 0
+    engine.llm.eval(ids[: engine.n_ctx - 1])  # a tiny --max_model_len: part of it still helps
 
 
 def load_llamacpp(args: InferCommandArgs) -> LlamaCppEngine:
@@ -370,16 +289,23 @@ def load_llamacpp(args: InferCommandArgs) -> LlamaCppEngine:
                      defaults=generation_config(base_dir), seed=args.seed)  # fmt: skip
 
 
-def render_prompt(engine: LlamaCppEngine, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of ``messages`` with the generation prompt, as ``pt`` renders and tokenizes
-    them (transformers' Jinja renderer, no BOS beyond what the template writes)."""
+def render_text(engine: LlamaCppEngine, messages: list[dict[str, str]]) -> str:
+    """``messages`` rendered by the GGUF's chat template with the generation prompt
+    (transformers' Jinja renderer, as ``pt``'s ``apply_chat_template``)."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     rendered, _ = render_jinja_template(
         conversations=[messages], chat_template=engine.chat_template,
         add_generation_prompt=True, **engine.special,
     )  # fmt: skip
-    return engine.llm.tokenize(rendered[0].encode("utf-8"), add_bos=False, special=True)
+    return rendered[0]
+
+
+def render_prompt(engine: LlamaCppEngine, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` with the generation prompt, as ``pt`` renders and tokenizes
+    them (no BOS beyond what the template writes)."""
+    return engine.llm.tokenize(render_text(engine, messages).encode("utf-8"), add_bos=False,
+                               special=True)  # fmt: skip
 
 
 def _prefill(llm: Any, ids: list[int]) -> None:
@@ -400,23 +326,36 @@ def generate_ids(
     engine: LlamaCppEngine, messages: list[dict[str, str]], gen: GenOptions
 ) -> Iterator[int]:
     """The answer's token ids, one at a time (end-of-generation token excluded)."""
-    import llama_cpp
-
-    llm = engine.llm
     ids = render_prompt(engine, messages)
     if len(ids) >= engine.n_ctx:
         raise UserError(
             f"the conversation is {len(ids)} tokens, more than --max_model_len {engine.n_ctx} "
             "leaves room for; shorten it (/clear in the chat) or raise --max_model_len"
         )
-    s = resolve_sampling(gen, engine.defaults)
     rng = engine.rng if gen.seed is None else np.random.default_rng(gen.seed)
+    s = resolve_sampling(gen, engine.defaults)
+    return decode_ids(engine, ids, s, rng, gen.max_new_tokens)
+
+
+def decode_ids(
+    engine: LlamaCppEngine, ids: list[int], s: Sampling, rng: np.random.Generator, max_new: int
+) -> Iterator[int]:
+    """The answer to prompt ``ids`` (shorter than the context) under resolved sampling ``s``:
+    token ids one at a time, at most ``max_new`` and what the context has room for, until an
+    end-of-generation token (not yielded). Closing the iterator early is safe: the KV cache
+    stays consistent with ``llm.n_tokens``."""
+    import llama_cpp
+
+    llm = engine.llm
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     n_vocab = llm.n_vocab()
     seen = np.zeros(n_vocab, dtype=bool)
     seen[ids] = True
     _prefill(llm, ids)
-    for _ in range(min(gen.max_new_tokens, engine.n_ctx - len(ids))):
+    token = -1
+    for i in range(min(max_new, engine.n_ctx - len(ids))):
+        if i:  # the previous token, evaluated only when another one is wanted
+            llm.eval([token])
         ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
         logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
         token = pick_token(logits, seen, s, rng)
@@ -424,7 +363,6 @@ def generate_ids(
             return
         yield token
         seen[token] = True
-        llm.eval([token])
 
 
 def _held_back(text: str, stops: list[str]) -> int:

@@ -63,6 +63,13 @@ def build(args: DeployArgs) -> tuple[Any, Any]:
     from tunesmith.serve.scheduler import Scheduler
 
     key = check_args(args)
+    if args.infer_backend == "llamacpp":
+        from tunesmith.serve.llamacpp_serve import build_llamacpp
+
+        llama, gguf_tok, catalog, defaults = build_llamacpp(args)
+        server = Server(args, key, llama, gguf_tok, catalog, defaults)  # type: ignore[arg-type]
+        llama.start()
+        return create_app(server), server
     model, tokenizer, catalog = load_served(args)
     # The scheduler thread decodes with its own copy: a fast tokenizer shared between threads
     # can fail with "Already borrowed" while the other one encodes.
