@@ -1,0 +1,166 @@
+"""Many answers at once on llama.cpp: several sequences decoded together in one context.
+
+:class:`~tunesmith.infer.llamacpp_backend.LlamaCppEngine` answers one conversation at a time.
+On a CPU one decode step of a 0.5B model costs little more for eight sequences than for one
+(the weights are read from memory once per step either way), so a list of questions, as
+``tunesmith eval`` asks, is answered several times faster when the sequences share the steps.
+
+This opens a second llama.cpp context on the engine's loaded weights with room for
+``parallel`` sequences (one KV cache, shared) and keeps every slot busy: when an answer ends,
+the next conversation's prompt is evaluated in the same step as the other slots' next tokens.
+Prompts are rendered and tokens picked by the engine's own functions (chat template, the
+model's generation config, the repetition penalty over prompt and answer), so the answers are
+the engine's; greedy answers can differ from one-at-a-time ones only where the two best tokens
+are within the rounding of a differently ordered sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tunesmith.infer.llamacpp_backend import (
+    GenOptions,
+    LlamaCppEngine,
+    cpu_threads,
+    import_llama_cpp,
+    pick_token,
+    render_prompt,
+    resolve_sampling,
+)
+from tunesmith.utils import UserError
+
+DEFAULT_PARALLEL = 8
+"""Sequences decoded together: past about eight, a step of the demo model on 2 CPU cores
+grows as fast as the batch, so more only lengthens the wait for the longest answer."""
+
+
+@dataclass
+class _Slot:
+    """One sequence of the shared context while it answers one conversation."""
+
+    index: int
+    """Which conversation (its place in the input list)."""
+    pending: list[int]
+    """Tokens still to evaluate: the prompt at first, then the last picked token."""
+    pos: int = 0
+    """Position of the first pending token in the sequence."""
+    seen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    """Token ids in the sequence so far (the repetition penalty reads them)."""
+    out: list[int] = field(default_factory=list)
+    """The answer's token ids."""
+    logit_row: int = -1
+    """Row of this slot's logits in the last decoded batch."""
+
+
+def _context(engine: LlamaCppEngine, n_ctx: int, parallel: int, n_batch: int) -> object:
+    """A new llama.cpp context on the engine's weights: one KV cache of ``n_ctx`` cells shared
+    by up to ``parallel`` sequences."""
+    llama_cpp = import_llama_cpp()
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = n_batch
+    params.n_ubatch = min(n_batch, 512)
+    params.n_seq_max = parallel
+    params.kv_unified = True  # the cells go where they are needed: answers differ in length
+    params.n_threads = params.n_threads_batch = cpu_threads()
+    ctx = llama_cpp.llama_init_from_model(engine.llm.model, params)
+    if not ctx:
+        raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for "
+                        f"{parallel} sequences (out of memory?)")  # fmt: skip
+    return ctx
+
+
+def generate_parallel(
+    engine: LlamaCppEngine,
+    conversations: list[list[dict[str, str]]],
+    gen: GenOptions,
+    parallel: int = DEFAULT_PARALLEL,
+    on_done: object = None,
+) -> list[str]:
+    """Answers to ``conversations`` in their order, ``parallel`` sequences decoded together.
+
+    ``on_done(index, answer)``, when given, is called as each answer completes (for caching
+    and progress bars). Stop strings are not supported here (eval does not use them).
+    """
+    llama_cpp = import_llama_cpp()
+    if gen.stop:
+        raise ValueError("generate_parallel does not support stop strings")
+    prompts = [render_prompt(engine, c) for c in conversations]
+    if not prompts:
+        return []
+    longest = max(map(len, prompts))
+    if longest + 1 > engine.n_ctx:
+        raise UserError(f"a conversation is {longest} tokens, more than the context "
+                        f"({engine.n_ctx}) leaves room for; raise --max_model_len")  # fmt: skip
+    per_seq = min(longest + gen.max_new_tokens, engine.n_ctx)
+    parallel = max(1, min(parallel, len(prompts)))
+    n_ctx = -(-parallel * per_seq // 256) * 256
+    n_batch = max(512, parallel * longest)
+    s = resolve_sampling(gen, engine.defaults)
+    rng = engine.rng if gen.seed is None else np.random.default_rng(gen.seed)
+    llm = engine.llm
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    n_vocab = llm.n_vocab()
+    answers: list[str | None] = [None] * len(prompts)
+    ctx = _context(engine, n_ctx, parallel, n_batch)
+    batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+    try:
+        mem = llama_cpp.llama_get_memory(ctx)
+        queue = list(range(len(prompts)))
+        queue.sort(key=lambda i: -len(prompts[i]))  # long prompts first: less tail waiting
+        slots: list[_Slot | None] = [None] * parallel
+
+        def start(seq: int) -> None:
+            i = queue.pop(0)
+            seen = np.zeros(n_vocab, dtype=bool)
+            seen[prompts[i]] = True
+            llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
+            slots[seq] = _Slot(i, list(prompts[i]), 0, seen)
+
+        def finish(seq: int, slot: _Slot) -> None:
+            text = llm.detokenize(slot.out, special=False).decode("utf-8", "replace")
+            answers[slot.index] = text
+            if on_done is not None:
+                on_done(slot.index, text)  # type: ignore[operator]
+            slots[seq] = None
+
+        while queue or any(slots):
+            for seq in range(parallel):
+                if slots[seq] is None and queue:
+                    start(seq)
+            n = 0
+            for seq, slot in enumerate(slots):
+                if slot is None:
+                    continue
+                for k, tok in enumerate(slot.pending):
+                    batch.token[n], batch.pos[n] = tok, slot.pos + k
+                    batch.n_seq_id[n], batch.seq_id[n][0] = 1, seq
+                    batch.logits[n] = k == len(slot.pending) - 1
+                    n += 1
+                slot.logit_row = n - 1
+                slot.pos += len(slot.pending)
+            batch.n_tokens = n
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed ({rc}) with {n} tokens in {n_ctx}")
+            for seq, slot in enumerate(slots):
+                if slot is None:
+                    continue
+                ptr = llama_cpp.llama_get_logits_ith(ctx, slot.logit_row)
+                logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+                token = pick_token(logits, slot.seen, s, rng)
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish(seq, slot)
+                    continue
+                slot.out.append(token)
+                slot.seen[token] = True
+                slot.pending = [token]
+                room = per_seq - slot.pos
+                if len(slot.out) >= gen.max_new_tokens or room <= 0:
+                    finish(seq, slot)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+    return [a or "" for a in answers]
