@@ -17,6 +17,7 @@ are within the rounding of a differently ordered sum.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -63,13 +64,41 @@ def _context(engine: LlamaCppEngine, n_ctx: int, parallel: int, n_batch: int) ->
     params.n_batch = n_batch
     params.n_ubatch = min(n_batch, 512)
     params.n_seq_max = parallel
-    params.kv_unified = True  # the cells go where they are needed: answers differ in length
+    params.kv_unified = True  # cells go where needed (answers differ in length), prefix shared
     params.n_threads = params.n_threads_batch = cpu_threads()
     ctx = llama_cpp.llama_init_from_model(engine.llm.model, params)
     if not ctx:
         raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for "
                         f"{parallel} sequences (out of memory?)")  # fmt: skip
     return ctx
+
+
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """Length of the token prefix all prompts share (the chat template's start and the system
+    prompt), short of the shortest prompt: its last token must be evaluated per sequence."""
+    first, n = prompts[0], min(map(len, prompts)) - 1
+    for p in prompts[1:]:
+        n = next((k for k in range(n) if p[k] != first[k]), n)
+    return max(n, 0)
+
+
+def _decode(llama_cpp: Any, ctx: Any, batch: Any, parts: list[tuple[int, list[int], int, bool]]
+            ) -> list[int]:  # fmt: skip
+    """Evaluate ``(sequence, tokens, first position, logits wanted)`` parts in one batch; the
+    batch row of each part's last token (its logits, when wanted)."""
+    n, rows = 0, []
+    for seq, tokens, pos, wanted in parts:
+        for k, tok in enumerate(tokens):
+            batch.token[n], batch.pos[n] = tok, pos + k
+            batch.n_seq_id[n], batch.seq_id[n][0] = 1, seq
+            batch.logits[n] = wanted and k == len(tokens) - 1
+            n += 1
+        rows.append(n - 1)
+    batch.n_tokens = n
+    rc = llama_cpp.llama_decode(ctx, batch)
+    if rc != 0:
+        raise RuntimeError(f"llama_decode failed ({rc}) on a batch of {n} tokens")
+    return rows
 
 
 def generate_parallel(
@@ -96,7 +125,8 @@ def generate_parallel(
                         f"({engine.n_ctx}) leaves room for; raise --max_model_len")  # fmt: skip
     per_seq = min(longest + gen.max_new_tokens, engine.n_ctx)
     parallel = max(1, min(parallel, len(prompts)))
-    n_ctx = -(-parallel * per_seq // 256) * 256
+    shared = shared_prefix(prompts)
+    n_ctx = -(-(parallel * per_seq + shared) // 256) * 256
     n_batch = max(512, parallel * longest)
     s = resolve_sampling(gen, engine.defaults)
     rng = engine.rng if gen.seed is None else np.random.default_rng(gen.seed)
@@ -104,20 +134,24 @@ def generate_parallel(
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     n_vocab = llm.n_vocab()
     answers: list[str | None] = [None] * len(prompts)
-    ctx = _context(engine, n_ctx, parallel, n_batch)
+    ctx = _context(engine, n_ctx, parallel + 1, n_batch)  # + the shared prefix's sequence
     batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
     try:
         mem = llama_cpp.llama_get_memory(ctx)
         queue = list(range(len(prompts)))
         queue.sort(key=lambda i: -len(prompts[i]))  # long prompts first: less tail waiting
         slots: list[_Slot | None] = [None] * parallel
+        if shared:  # evaluated once, in a sequence of its own that every slot starts from
+            _decode(llama_cpp, ctx, batch, [(parallel, prompts[0][:shared], 0, False)])
 
         def start(seq: int) -> None:
             i = queue.pop(0)
             seen = np.zeros(n_vocab, dtype=bool)
             seen[prompts[i]] = True
             llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
-            slots[seq] = _Slot(i, list(prompts[i]), 0, seen)
+            if shared:  # with one KV cache for all, sharing the prefix's cells copies nothing
+                llama_cpp.llama_memory_seq_cp(mem, parallel, seq, 0, shared)
+            slots[seq] = _Slot(i, prompts[i][shared:], shared, seen)
 
         def finish(seq: int, slot: _Slot) -> None:
             text = llm.detokenize(slot.out, special=False).decode("utf-8", "replace")
@@ -130,21 +164,13 @@ def generate_parallel(
             for seq in range(parallel):
                 if slots[seq] is None and queue:
                     start(seq)
-            n = 0
-            for seq, slot in enumerate(slots):
-                if slot is None:
-                    continue
-                for k, tok in enumerate(slot.pending):
-                    batch.token[n], batch.pos[n] = tok, slot.pos + k
-                    batch.n_seq_id[n], batch.seq_id[n][0] = 1, seq
-                    batch.logits[n] = k == len(slot.pending) - 1
-                    n += 1
-                slot.logit_row = n - 1
-                slot.pos += len(slot.pending)
-            batch.n_tokens = n
-            rc = llama_cpp.llama_decode(ctx, batch)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed ({rc}) with {n} tokens in {n_ctx}")
+            parts = [(seq, slot.pending, slot.pos, True) for seq, slot in enumerate(slots)
+                     if slot is not None]  # fmt: skip
+            rows = _decode(llama_cpp, ctx, batch, parts)
+            for (seq, pending, _pos, _out), row in zip(parts, rows, strict=True):
+                slot = slots[seq]
+                assert slot is not None
+                slot.logit_row, slot.pos = row, slot.pos + len(pending)
             for seq, slot in enumerate(slots):
                 if slot is None:
                     continue
