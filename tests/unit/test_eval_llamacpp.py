@@ -54,9 +54,10 @@ def _eval(checkpoint: Path, out: Path, backend: str) -> dict:
 
 
 @needs_llama_cpp
-def test_eval_on_llamacpp_caches_apart_from_pt(checkpoint, tmp_path) -> None:
+def test_eval_on_llamacpp_caches_apart_from_pt(checkpoint, tmp_path, monkeypatch) -> None:
     from tunesmith.utils import cache_dir
 
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))  # no answers from before
     def cached() -> set[str]:
         return {p.name for p in (cache_dir() / "eval").glob("*.jsonl")}
 
