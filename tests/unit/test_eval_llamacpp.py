@@ -58,6 +58,7 @@ def test_eval_on_llamacpp_caches_apart_from_pt(checkpoint, tmp_path, monkeypatch
     from tunesmith.utils import cache_dir
 
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))  # no answers from before
+
     def cached() -> set[str]:
         return {p.name for p in (cache_dir() / "eval").glob("*.jsonl")}
 
