@@ -1,9 +1,11 @@
 """Many answers at once on llama.cpp: several sequences decoded together in one context.
 
 :class:`~tunesmith.infer.llamacpp_backend.LlamaCppEngine` answers one conversation at a time.
-On a CPU one decode step of a 0.5B model costs little more for eight sequences than for one
-(the weights are read from memory once per step either way), so a list of questions, as
-``tunesmith eval`` asks, is answered several times faster when the sequences share the steps.
+A decode step of several sequences reads the weights once for all of them, so a list of
+questions, as ``tunesmith eval`` asks, is answered faster when the sequences share the steps
+(the demo model on 2 cores: 64 questions in 24.5 s instead of 43.1 s, bench/RESULTS.md); past
+that the CPU's arithmetic is the limit, so what remains to save is tokens: the prompts' common
+start (chat template, system prompt) is evaluated once and shared by every sequence.
 
 This opens a second llama.cpp context on the engine's loaded weights with room for
 ``parallel`` sequences (one KV cache, shared) and keeps every slot busy: when an answer ends,
@@ -16,6 +18,7 @@ are within the rounding of a differently ordered sum.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +35,8 @@ from tunesmith.infer.llamacpp_backend import (
 )
 from tunesmith.utils import UserError
 
-DEFAULT_PARALLEL = 8
-"""Sequences decoded together: past about eight, a step of the demo model on 2 CPU cores
-grows as fast as the batch, so more only lengthens the wait for the longest answer."""
+DEFAULT_PARALLEL = 16
+"""Sequences decoded together (on 2 CPU cores 32 was hardly faster than 16 for the demo model)."""
 
 
 @dataclass
@@ -106,7 +108,7 @@ def generate_parallel(
     conversations: list[list[dict[str, str]]],
     gen: GenOptions,
     parallel: int = DEFAULT_PARALLEL,
-    on_done: object = None,
+    on_done: Callable[[int, str], None] | None = None,
 ) -> list[str]:
     """Answers to ``conversations`` in their order, ``parallel`` sequences decoded together.
 
@@ -157,7 +159,7 @@ def generate_parallel(
             text = llm.detokenize(slot.out, special=False).decode("utf-8", "replace")
             answers[slot.index] = text
             if on_done is not None:
-                on_done(slot.index, text)  # type: ignore[operator]
+                on_done(slot.index, text)
             slots[seq] = None
 
         while queue or any(slots):
