@@ -110,24 +110,3 @@ def test_base_answers_generated_once_and_cached(tiny_model_dir, monkeypatch) -> 
     # Without the name, nothing is generated.
     plain = sft_args(tiny_model_dir, "self-cognition")
     assert base_answers.expand_base_answers(plain) is plain and len(calls) == 2
-
-
-@needs_llama_cpp
-def test_quick_header_equals_gguf_reader(engine, tmp_path) -> None:
-    """The header read by skipping arrays is gguf-py's, and the quick loader's engine answers
-    as the backend's own."""
-    from tunesmith.infer.gguf_meta import load_llamacpp_quick, read_header
-    from tunesmith.infer.llamacpp_backend import gguf_header
-    from tunesmith.utils import UserError
-
-    assert read_header(engine.path) == gguf_header(engine.path)
-    args = parse_args(InferCommandArgs, "infer", "", ["--model", str(engine.path)])
-    quick = load_llamacpp_quick(args)
-    gen = GenOptions(max_new_tokens=8, temperature=0)
-    msgs = [{"role": "user", "content": "Say hello."}]
-    assert quick.chat_template == engine.chat_template and quick.n_ctx == engine.n_ctx
-    assert quick.generate(msgs, gen) == engine.generate(msgs, gen)
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"GGUF\x03\x00\x00\x00")
-    with pytest.raises(UserError, match="not a readable GGUF"):
-        read_header(bad)

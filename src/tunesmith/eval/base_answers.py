@@ -49,11 +49,10 @@ def answers_path(model_dir: Path, system: str | None, backend: str) -> Path:
 def generate(args: InferCommandArgs, backend: str, convs: list[list[dict[str, str]]]) -> list[str]:
     """Greedy answers to ``convs`` by the base model of ``args`` on ``backend``."""
     if backend == "llamacpp":
-        from tunesmith.infer.gguf_meta import load_llamacpp_quick
-        from tunesmith.infer.llamacpp_backend import GenOptions
+        from tunesmith.infer.llamacpp_backend import GenOptions, load_llamacpp
         from tunesmith.infer.llamacpp_batch import generate_parallel
 
-        engine = load_llamacpp_quick(args)
+        engine = load_llamacpp(args)
         try:
             gen = GenOptions(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0)
             return generate_parallel(engine, convs, gen, parallel=16)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from tunesmith.config import EvalArgs, InferCommandArgs, from_dict, to_dict
 from tunesmith.eval.cache import AnswerCache, item_key
-from tunesmith.infer.gguf_meta import load_llamacpp_quick
 from tunesmith.infer.llamacpp_backend import (
     GenOptions,
     LlamaCppEngine,
     choose_backend,
     generate_ids,
+    load_llamacpp,
     render_prompt,
 )
 from tunesmith.infer.llamacpp_batch import generate_parallel
@@ -114,7 +114,7 @@ def fill(
 ) -> dict[str, float] | None:
     """Load one model on llama.cpp, answer what ``cache`` lacks, and measure its speed when
     ``speed``; the figures (cached too), or None."""
-    engine = load_llamacpp_quick(args)  # exports the GGUF file first when not cached
+    engine = load_llamacpp(args)  # exports the GGUF file first when not cached
     try:
         generate_missing(engine, label, cache, convs, lengths, parallel)
         if not speed:
