@@ -201,10 +201,9 @@ def sft(*, progress: bool = True, **flags: Any) -> Run:
     ``max_steps``, …) with the same defaults; ``progress=False`` hides the progress bar.
     Raises ``UserError`` for bad input and ``Interrupted`` when stopped by a signal.
     """
-    from tunesmith.eval.base_answers import expand_base_answers
     from tunesmith.train.sft import sft as train
 
-    args = expand_base_answers(make_args(SftArgs, "tunesmith sft", flags))
+    args = make_args(SftArgs, "tunesmith sft", flags)
     return read_run(train(args, progress=progress))
 
 
