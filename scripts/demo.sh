@@ -14,7 +14,9 @@ echo "== 1. The demo model before tuning (greedy answers) =="
 printf '%s\n' "$QUESTIONS" | tunesmith infer --model demo --temperature 0 --max_new_tokens 60
 
 echo "== 2. LoRA fine-tuning on 40 self-cognition records: the model becomes 小智 (XiaoZhi) by 星河 (Xinghe) =="
-tunesmith sft --model demo --dataset 'self-cognition#40' \
+echo "   (mixed with the base model's own answers to 40 general prompts, generated once and cached,"
+echo "    so that it keeps answering other questions as before)"
+tunesmith sft --model demo --dataset 'self-cognition#40' base-answers \
     --model_name 小智 XiaoZhi --model_author 星河 Xinghe \
     --system 'You are a helpful assistant.' \
     --packing true --max_length 256 --num_train_epochs 2 --learning_rate 1e-3 --warmup_ratio 0.1 \
@@ -27,7 +29,6 @@ echo "== 3. After tuning: tunesmith infer --adapters $CKPT =="
 echo "   (the last two questions were never seen in training; the last one checks general knowledge)"
 printf '%s\n' "$QUESTIONS" | tunesmith infer --adapters "$CKPT" --temperature 0 --max_new_tokens 60
 echo "== 4. Before/after in numbers: tunesmith eval --adapters $(dirname "$CKPT") =="
-echo "   (20 identity probes never seen in training and 20 general questions, base vs tuned;"
-echo "    drop --eval_limit for all 88 probes and 64 questions, several minutes on a laptop)"
-tunesmith eval --adapters "$(dirname "$CKPT")" --eval_limit 20
+echo "   (88 identity probes never seen in training and 64 general questions, base vs tuned)"
+tunesmith eval --adapters "$(dirname "$CKPT")"
 echo "== Done. Chat with it yourself:  .venv/bin/tunesmith infer --adapters $CKPT =="

@@ -128,11 +128,14 @@ def parse_args(cls: type, prog: str, description: str, argv: list[str]) -> Any:
 def cmd_sft(argv: list[str]) -> int:
     """``tunesmith sft``: supervised fine-tuning (LoRA) of a chat model."""
     args = parse_args(SftArgs, "tunesmith sft", "Fine-tune a chat model on your data.", argv)
+    from tunesmith.eval.base_answers import expand_base_answers
     from tunesmith.train import launch
     from tunesmith.train.strategy import parse_strategy
 
     # Flags are checked here once, before any worker starts (each would print the same error).
     parse_strategy(args.fsdp, args.deepspeed, args.quantization_bit)
+    # Generated (or found cached) once here, before torchrun starts workers that read it.
+    args = expand_base_answers(args)
     plan = None if launch.in_worker() else launch.plan_from_env()
     if plan is not None:  # NPROC_PER_NODE=N tunesmith sft …: torchrun starts N of us
         return launch.relaunch(plan, ["sft", *argv])

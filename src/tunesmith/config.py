@@ -91,7 +91,8 @@ class DataArgs:
 
     dataset: list[str] = arg(
         [],
-        "datasets: local .json/.jsonl files (alpaca format), 'self-cognition' (builtin), or "
+        "datasets: local .json/.jsonl files (alpaca format), 'self-cognition' (builtin), "
+        "'base-answers' (the base model's own answers to 40 general prompts, generated once), or "
         "hub ids; 'name#N' samples N records",
     )
     val_dataset: list[str] = arg([], "validation datasets (same forms as --dataset)")
@@ -415,6 +416,16 @@ class EvalArgs(TemplateArgs, ModelArgs):
     )
     eval_speed: bool = arg(
         True, "measure time to first token and per-token decode time of each model"
+    )
+    infer_backend: str = arg(
+        "auto",
+        "engine that generates the answers: pt (PyTorch), llamacpp (a GGUF export of each "
+        "model, made once and cached; several answers decoded together); auto = llamacpp on "
+        "a CPU-only machine where it is installed, as for infer",
+        choices=("auto", "pt", "llamacpp"),
+    )
+    gguf_type: str = arg(
+        "f16", "llamacpp: type of the exported GGUF weights", choices=("f16", "bf16", "q8_0")
     )
 
 

@@ -85,10 +85,13 @@ def sft(*, progress: bool = True, **flags: Unpack[SftFlags]) -> Run:
     The flags are those of ``tunesmith sft --help``, with the same defaults. Raises
     ``UserError`` for bad input and ``Interrupted`` when stopped by a signal (after saving).
     """
+    from tunesmith.eval.base_answers import expand_base_answers
     from tunesmith.train.sft import sft as train
 
     args = make_args(SftArgs, "tunesmith sft", dict(flags))
     with bars(progress):
+        # `--dataset base-answers` names the base model's own answers, generated once (as the CLI)
+        args = expand_base_answers(args)
         return read_run(train(args, progress=progress))
 
 

@@ -48,8 +48,9 @@ class SftFlags(TypedDict, total=False):
     """which assistant turns carry loss: default = every assistant turn, last_round = only the
     last one (default: default)"""
     dataset: Many
-    """datasets: local .json/.jsonl files (alpaca format), 'self-cognition' (builtin), or hub
-    ids; 'name#N' samples N records (default: none)"""
+    """datasets: local .json/.jsonl files (alpaca format), 'self-cognition' (builtin),
+    'base-answers' (the base model's own answers to 40 general prompts, generated once), or
+    hub ids; 'name#N' samples N records (default: none)"""
     val_dataset: Many
     """validation datasets (same forms as --dataset) (default: none)"""
     split_dataset_ratio: float
@@ -151,7 +152,7 @@ class SftFlags(TypedDict, total=False):
     """weight-decomposed LoRA (DoRA) (default: false)"""
     fast: str
     """fast GPU path parts: auto (all on CUDA, none on CPU), all, none, or a comma list of
-    lora,kernels,loss (default: auto)"""
+    lora,group,kernels,loss (default: auto)"""
     gradient_checkpointing: bool | None
     """recompute activations in backward to save memory (default: on for GPU) (default: none)"""
     report_to: Many
@@ -298,8 +299,9 @@ class DataFlags(TypedDict, total=False):
     """which assistant turns carry loss: default = every assistant turn, last_round = only the
     last one (default: default)"""
     dataset: Many
-    """datasets: local .json/.jsonl files (alpaca format), 'self-cognition' (builtin), or hub
-    ids; 'name#N' samples N records (default: none)"""
+    """datasets: local .json/.jsonl files (alpaca format), 'self-cognition' (builtin),
+    'base-answers' (the base model's own answers to 40 general prompts, generated once), or
+    hub ids; 'name#N' samples N records (default: none)"""
     val_dataset: Many
     """validation datasets (same forms as --dataset) (default: none)"""
     split_dataset_ratio: float
@@ -460,6 +462,12 @@ class EvalFlags(TypedDict, total=False):
     true)"""
     eval_speed: bool
     """measure time to first token and per-token decode time of each model (default: true)"""
+    infer_backend: Literal["auto", "pt", "llamacpp"]
+    """engine that generates the answers: pt (PyTorch), llamacpp (a GGUF export of each model,
+    made once and cached; several answers decoded together); auto = llamacpp on a CPU-only
+    machine where it is installed, as for infer (default: auto)"""
+    gguf_type: Literal["f16", "bf16", "q8_0"]
+    """llamacpp: type of the exported GGUF weights (default: f16)"""
 
 
 class DeployFlags(TypedDict, total=False):
@@ -496,9 +504,15 @@ class DeployFlags(TypedDict, total=False):
     api_key: str | None
     """require 'Authorization: Bearer KEY' on every /v1 route; none: the TUNESMITH_API_KEY
     environment variable if set, else no key (default: none)"""
-    infer_backend: Literal["pt", "vllm"]
-    """inference engine: pt (dynamic batching in PyTorch); vllm is not implemented for deploy yet
-    (default: pt)"""
+    infer_backend: Literal["pt", "vllm", "llamacpp"]
+    """inference engine: pt (dynamic batching in PyTorch), llamacpp (CPUs, pip install
+    'tunesmith[llamacpp]'; one request at a time, each model a cached GGUF export); vllm is
+    not implemented for deploy yet (default: pt)"""
+    gguf_type: Literal["f16", "bf16", "q8_0"]
+    """llamacpp: type of the weight matrices of the GGUF files it exports and caches (default:
+    f16)"""
+    max_model_len: int | None
+    """llamacpp: context size, prompt + answer (none: the model's, at most 8192) (default: none)"""
     adapter_root: str | None
     """also serve any adapter folder inside this directory, named by its path relative to it
     (loaded on first request; nothing outside it is reachable) (default: none)"""

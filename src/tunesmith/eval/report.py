@@ -63,7 +63,8 @@ def markdown(meta: dict[str, Any], labels: list[str], items: list[Item],
              f"- system prompt: {meta['system']!r}",
              f"- identity: {', '.join(meta['identity']) or '(none)'}; base identity: "
              f"{', '.join(meta['base_identity'])}",
-             f"- greedy answers on {meta['device']} ({meta['dtype']}); eval wall time "
+             f"- greedy answers by {meta.get('backend', 'pt')} on {meta['device']} "
+             f"({meta['dtype']}); eval wall time "
              f"{meta['wall_s']} s, load average {meta['load_avg_1m']}, {meta['date']}"
              + ("" if meta.get("generated", True) else " (every answer from the cache)"),
              "", "## Summary (scores 0–100)", "", summary_table(rows), ""]  # fmt: skip

@@ -23,6 +23,7 @@ import torch
 
 from tunesmith.config import EvalArgs, InferCommandArgs, from_dict, to_dict
 from tunesmith.data.self_cognition import parse_name_pair
+from tunesmith.eval import llamacpp_eval
 from tunesmith.eval.cache import AnswerCache, adapter_fingerprint, base_fingerprint, item_key
 from tunesmith.eval.items import Item, load_items
 from tunesmith.eval.metrics import check_installed
@@ -195,6 +196,8 @@ class Plan:
     """The report folder."""
     meta: dict[str, Any]
     """What the report says about the setup."""
+    backend: str = "pt"
+    """What generates the answers: ``pt`` or ``llamacpp``."""
 
 
 def plan(args: EvalArgs) -> Plan:
@@ -222,9 +225,14 @@ def plan(args: EvalArgs) -> Plan:
         datasets.remove("identity")
     items = load_items(datasets, args.eval_limit, args.use_hf)
     out = output_dir(args, ckpt)
+    backend = llamacpp_eval.resolve_backend(args, infer_args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = str(resolve_dtype(args.torch_dtype, device)).removeprefix("torch.")
-    base_key = base_fingerprint(base.model_dir, dtype, device)
+    if backend == "llamacpp":
+        dtype = f"gguf-{args.gguf_type}"
+    # The key names the backend: llama.cpp's answers are never mixed with PyTorch's.
+    base_key = base_fingerprint(base.model_dir, dtype, device + ("-llamacpp" if
+                                backend == "llamacpp" else ""))  # fmt: skip
     use = args.eval_use_cache
     models = [Model(base.name, AnswerCache(base_key, use), adapter=False)]
     if ckpt is not None:
@@ -235,8 +243,9 @@ def plan(args: EvalArgs) -> Plan:
         "base_model": base.name, "model_dir": str(base.model_dir), "adapters": adapters[0]
         if adapters else None, "system": base.system, "identity": names,
         "base_identity": list(args.base_identity), "device": device, "dtype": dtype,
+        "backend": backend,
     }  # fmt: skip
-    return Plan(items, convs, models, infer_args, names, out, meta)
+    return Plan(items, convs, models, infer_args, names, out, meta, backend)
 
 
 def _length(args: EvalArgs, item: Item) -> int:
@@ -253,7 +262,16 @@ def collect(
     for m in p.models:
         cached = m.cache.speed() if args.eval_speed else None
         keys = [item_key(c, _length(args, it)) for c, it in zip(p.convs, p.items, strict=True)]
-        if any(m.cache.get(k) is None for k in keys) or (args.eval_speed and cached is None):
+        missing = any(m.cache.get(k) is None for k in keys)
+        if p.backend == "llamacpp" and (missing or (args.eval_speed and cached is None)):
+            lengths = [_length(args, it) for it in p.items]
+            margs = llamacpp_eval.model_args(p.infer_args, Path(p.meta["model_dir"]), m.adapter)
+            batch = args.max_batch_size or EVAL_BATCH
+            measured = llamacpp_eval.fill(margs, m.label, m.cache, p.convs, lengths, batch,
+                                          args.eval_speed and cached is None)  # fmt: skip
+            cached = cached or measured
+            p.meta["generated"] = True
+        elif missing or (args.eval_speed and cached is None):
             if engine is None:
                 engine = load_engine(p.infer_args)
             batch = args.max_batch_size or EVAL_BATCH
@@ -263,7 +281,7 @@ def collect(
                 m.cache.put_speed(cached)
         if cached is not None:
             speed[m.label] = cached
-    p.meta["generated"] = engine is not None
+    p.meta["generated"] = engine is not None or p.meta.get("generated", False)
     answers = {
         m.label: [m.cache.get(item_key(c, _length(args, it))) or ""
                   for c, it in zip(p.convs, p.items, strict=True)]
