@@ -125,3 +125,16 @@ def test_disabled_adapter_goes_through_peft() -> None:
         base = model.get_base_model()
     assert not torch.equal(off, on)
     assert base is not None
+
+
+def test_malloc_env_preloads_an_installed_allocator_once(tmp_path, monkeypatch) -> None:
+    from tunesmith import utils
+
+    lib = tmp_path / "libtcmalloc_minimal.so.4"
+    monkeypatch.setattr(utils, "MALLOC_LIBS", (str(tmp_path / "missing.so"), str(lib)))
+    assert utils.malloc_env({}) is None  # nothing installed
+    lib.write_bytes(b"")
+    env = utils.malloc_env({"LD_PRELOAD": "/x/other.so", "A": "1"})
+    assert env == {"LD_PRELOAD": f"{lib}:/x/other.so", "A": "1"}
+    assert utils.malloc_env(env) is None  # already preloaded: no second re-exec
+    assert utils.malloc_env({"TUNESMITH_MALLOC": "system"}) is None
