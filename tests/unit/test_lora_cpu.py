@@ -138,3 +138,16 @@ def test_malloc_env_preloads_an_installed_allocator_once(tmp_path, monkeypatch) 
     assert env == {"LD_PRELOAD": f"{lib}:/x/other.so", "A": "1"}
     assert utils.malloc_env(env) is None  # already preloaded: no second re-exec
     assert utils.malloc_env({"TUNESMITH_MALLOC": "system"}) is None
+
+
+def test_cpu_fast_parts() -> None:
+    from tunesmith.model.cpu_fast import CpuFast
+    from tunesmith.utils import UserError
+
+    assert CpuFast.parse("auto") == CpuFast(lora=True, attn=True, adamw=True)
+    assert CpuFast.parse("auto", cpu=False) == CpuFast()
+    assert CpuFast.parse("none") == CpuFast()
+    assert CpuFast.parse("all").compile
+    assert CpuFast.parse("lora, adamw") == CpuFast(lora=True, adamw=True)
+    with pytest.raises(UserError, match="unknown part 'flash'"):
+        CpuFast.parse("lora,flash")
