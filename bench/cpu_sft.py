@@ -168,6 +168,13 @@ def train(label: str, src: Path, flags: str, max_steps: int | None) -> dict:
         argv += ["--max_steps", str(max_steps)]
     times = OUT / f"times-{os.getpid()}.json"
     env = os.environ | {"PYTHONPATH": str(src), "CPU_SFT_TIMES": str(times)}
+    # The child calls cli.main in-process; the console script would first re-exec itself with
+    # a faster malloc where the tree does (utils.malloc_env), so the child gets that here.
+    utils_src = (src / "tunesmith" / "utils.py").read_text(encoding="utf-8")
+    if "def malloc_env" in utils_src:
+        from tunesmith.utils import malloc_env
+
+        env = malloc_env(env) or env
     env["CPU_SFT_T0"] = repr(time.time())
     t0 = time.perf_counter()
     proc = subprocess.run(
@@ -194,6 +201,7 @@ def train(label: str, src: Path, flags: str, max_steps: int | None) -> dict:
         "tokens_per_s": int(m.group(3)) if m else None,
         "checkpoint": str(ckpt),
         "cpu": cpu_flags(),
+        "ld_preload": env.get("LD_PRELOAD", ""),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 

@@ -26,7 +26,7 @@ from tunesmith.config import (
     InferCommandArgs,
     SftArgs,
 )
-from tunesmith.utils import Interrupted, UserError, logger, setup_logging
+from tunesmith.utils import Interrupted, UserError, logger, reexec_with_malloc, setup_logging
 
 
 def _none_or(conv: Any) -> Any:
@@ -253,6 +253,8 @@ commands:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tunesmith`` console script."""
+    if argv is None and sys.argv[1:2] == ["sft"]:  # the process's own entry, not a caller's
+        reexec_with_malloc(sys.argv[1:])  # CPU training's allocator (TUNESMITH_MALLOC=system)
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
     # Deprecation notices between our dependencies (peft calling transformers) are not the

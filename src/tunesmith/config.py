@@ -194,6 +194,11 @@ class TrainArgs:
         "fast GPU path parts: auto (all on CUDA, none on CPU), all, none, or a comma list of "
         "lora,group,kernels,loss",
     )
+    cpu_fast: str = arg(
+        "auto",
+        "CPU training path parts: auto (lora,attn,adamw when training on the CPU), all, none, "
+        "or a comma list of lora,attn,adamw,compile",
+    )
     gradient_checkpointing: bool | None = arg(
         None, "recompute activations in backward to save memory (default: on for GPU)"
     )

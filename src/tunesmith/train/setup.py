@@ -18,6 +18,7 @@ from tunesmith.config import SftArgs, to_dict
 from tunesmith.data.collate import collate, pack
 from tunesmith.data.prepare import Prepared, load_conversations, prepare
 from tunesmith.model import quant
+from tunesmith.model.cpu_fast import CpuFast, apply_cpu_fast
 from tunesmith.model.fast import FastOptions, apply_fast_path
 from tunesmith.model.load import (
     check_model_type,
@@ -70,6 +71,7 @@ def validate(args: SftArgs) -> None:
         raise UserError(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
     quant.check_quantization(quant_options(args), args.train_type == "full")
     FastOptions.parse(args.fast)  # a bad --fast part is refused here, not after loading
+    CpuFast.parse(args.cpu_fast)
     if args.eval_steps and not (args.val_dataset or args.split_dataset_ratio):
         logger.info(
             "note: --eval_steps is set but there is no validation data; nothing to evaluate"
@@ -162,6 +164,8 @@ class ModelPlan:
     """--gradient_checkpointing (None: on for GPU)."""
     fast: FastOptions
     """--fast: which parts of the fast GPU path to switch on."""
+    cpu_fast: CpuFast = field(default_factory=CpuFast)
+    """--cpu_fast: which parts of the CPU training path to switch on."""
 
 
 def build_model(
@@ -176,10 +180,12 @@ def build_model(
     from peft import get_peft_model
 
     bnb = quant.bnb_config_from(plan.quant, plan.dtype)
+    # At a few dozen tokens a step the CPU's SDPA kernel is slower than eager attention.
+    attn_impl = "eager" if plan.cpu_fast.attn and plan.attn_impl == "sdpa" else plan.attn_impl
     model = load_model(
         plan.weights_dir,
         torch.float32 if plan.full else plan.dtype,
-        plan.attn_impl,
+        attn_impl,
         device=device if bnb else None,  # bitsandbytes quantizes on the GPU
         quantization_config=bnb,
     )
@@ -204,6 +210,8 @@ def build_model(
     # to peft's path, so on CPU (fast: auto = none) the measured CPU choices stay as they were.
     for line in apply_fast_path(model, plan.fast):
         logger.info(f"fast path: {line}")
+    for line in apply_cpu_fast(model, plan.cpu_fast, attn_impl):
+        logger.info(f"CPU path: {line}")
     if resume is not None:
         logger.info(f"loaded the weights of {resume}")
     what = "full fine-tuning" if plan.full else f"LoRA r={plan.lora.rank}"
@@ -336,6 +344,7 @@ def setup(
         attn_impl=model_opts.attn_impl,
         gradient_checkpointing=args.gradient_checkpointing,
         fast=FastOptions.parse(args.fast, cuda=accelerator.device.type == "cuda"),
+        cpu_fast=CpuFast.parse(args.cpu_fast, cpu=accelerator.device.type == "cpu"),
     )
     model, what = build_model(plan, accelerator.device, resume)
     trainable, total = quant.param_counts(model)
@@ -347,7 +356,7 @@ def setup(
     # Optimizer, schedule, data loaders; Accelerate places and (if distributed) shards them.
     optim = optim_options(args)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(params, optim, fused=accelerator.device.type == "cuda")
+    optimizer = adamw(params, optim, fused=accelerator.device.type == "cuda" or plan.cpu_fast.adamw)
     loader, val_loader = loaders(args, items, data.val, tokenizer.pad_token_id)
     distributed.set_layers_to_shard(accelerator, hf_model(model))
     loss_module, optimizer, loader, val_loader = accelerator.prepare(

@@ -1,0 +1,90 @@
+"""The CPU training path's switches (``--cpu_fast``), each measured on the peers' recipe.
+
+On a CPU a LoRA step of a small model spends a third of its time outside the base matmuls
+(``bench/RESULTS.md``, "CPU step profile"): per-operator cost of the ~170 LoRA layers,
+the SDPA kernel's backward at a few dozen tokens, the optimizer's per-parameter loop. Parts:
+
+- ``lora``: the LoRA layers reading one input (q/k/v, gate/up) as one autograd function
+  with one A matmul (``lora_cpu.py``); peft's math, the shared dropout's masks;
+- ``attn``: eager attention while training on the CPU when ``--attn_impl`` is ``sdpa``
+  (at a few dozen tokens the CPU flash kernel's backward costs ~2 ms a layer);
+- ``adamw``: torch's fused AdamW on the CPU (one kernel for all parameters);
+- ``compile``: ``torch.compile`` of each decoder layer (off by default: see RESULTS).
+
+``auto`` (the default) is ``lora,attn,adamw`` when training on the CPU and nothing on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from tunesmith.utils import UserError
+
+PARTS = ("lora", "attn", "adamw", "compile")
+DEFAULT = ("lora", "attn", "adamw")
+
+
+@dataclass(frozen=True)
+class CpuFast:
+    """Which parts of the CPU training path to use."""
+
+    lora: bool = False
+    """Grouped LoRA function (one A matmul per shared input)."""
+    attn: bool = False
+    """Eager attention instead of SDPA while training on the CPU."""
+    adamw: bool = False
+    """Fused AdamW on the CPU."""
+    compile: bool = False
+    """torch.compile of every decoder layer."""
+
+    @classmethod
+    def parse(cls, spec: str, cpu: bool = True) -> CpuFast:
+        """``auto``, ``all``, ``none`` / ``off``, or a comma list of the parts; everything is
+        off when not training on the CPU."""
+        spec = spec.strip().lower()
+        if spec == "auto":
+            parts = list(DEFAULT)
+        elif spec in ("all", "on", "true"):
+            parts = list(PARTS)
+        elif spec in ("none", "off", "false", ""):
+            parts = []
+        else:
+            parts = [p.strip() for p in spec.split(",") if p.strip()]
+            unknown = [p for p in parts if p not in PARTS]
+            if unknown:
+                raise UserError(
+                    f"--cpu_fast: unknown part {unknown[0]!r}; use auto, all, none, or a comma "
+                    f"list of {', '.join(PARTS)}"
+                )
+        if not cpu:
+            parts = []
+        return cls(**{p: p in parts for p in PARTS})
+
+
+def apply_cpu_fast(model: nn.Module, options: CpuFast, attn_impl: str) -> list[str]:
+    """Switch on the CPU path's model parts on a (peft-wrapped) causal LM; what was done.
+
+    Call after the LoRA dropout is shared and before the optimizer is built (no parameter is
+    replaced: checkpoints and optimizer state stay peft's). ``adamw`` is the optimizer's.
+    """
+    done = []
+    if options.attn and attn_impl == "eager":
+        done.append("eager attention")
+    if options.lora:
+        from tunesmith.model.lora_cpu import group_lora_layers
+
+        routed, grouped = group_lora_layers(model)
+        if routed:
+            done.append(f"grouped LoRA on {routed} layers ({grouped} groups sharing an input)")
+    if options.compile:
+        from tunesmith.model.lora import hf_model
+
+        layers = hf_model(model).model.layers
+        for layer in layers:
+            layer.compile(dynamic=True)
+        done.append(f"torch.compile of {len(layers)} decoder layers")
+    if options.adamw:
+        done.append("fused AdamW")
+    return done
