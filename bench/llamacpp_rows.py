@@ -161,6 +161,7 @@ def batch_rows(
     from tunesmith.infer.batch import answer_all
     from tunesmith.infer.engine import Engine
     from tunesmith.infer.llamacpp_backend import GenOptions, load_gguf
+    from tunesmith.infer.llamacpp_batch import answer_batch
     from tunesmith.model.load import load_tokenizer, resolve_dtype
 
     convs = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(n)]
@@ -184,12 +185,17 @@ def batch_rows(
     del pt, m
     for t in types:
         engine = load_gguf(export(model, t))
-        start = time.perf_counter()
-        answers = engine.generate_many(convs, GenOptions(max_new_tokens=new, temperature=0),
-                                       progress=False)  # fmt: skip
-        same = sum(a == b for a, b in zip(answers, pt_answers, strict=True))
-        rows.append(row(f"llamacpp_{t}", answers, time.perf_counter() - start,
+        gen = GenOptions(max_new_tokens=new, temperature=0)
+        start = time.perf_counter()  # one record at a time (infer's path before parallel)
+        seq = engine.generate_many(convs, gen, progress=False)
+        same = sum(a == b for a, b in zip(seq, pt_answers, strict=True))
+        rows.append(row(f"llamacpp_{t}", seq, time.perf_counter() - start,
                         same_answers_as_pt=f"{same}/{n}"))  # fmt: skip
+        start = time.perf_counter()  # infer --val_dataset's path now: 16 sequences together
+        par = answer_batch(engine, convs, gen, progress=False)
+        same = sum(a == b for a, b in zip(par, seq, strict=True))
+        rows.append(row(f"llamacpp_{t}_parallel", par, time.perf_counter() - start,
+                        same_answers_as_sequential=f"{same}/{n}"))  # fmt: skip
     base = rows[0]["records_per_s"]
     for r in rows:
         r["ratio_vs_pt"] = round(r["records_per_s"] / base, 2)

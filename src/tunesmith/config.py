@@ -277,7 +277,8 @@ class InferArgs:
     )
     max_batch_size: int | None = arg(
         None,
-        "batch inference: records generated together, left-padded; none: 16 on GPU, 8 on CPU",
+        "batch inference: records generated together, left-padded; none: 16 on GPU, 8 on CPU "
+        "(llamacpp: greedy answers decoded together; none: 16)",
     )
     fast_decode: bool | None = arg(
         None,

@@ -246,7 +246,7 @@ class InferFlags(TypedDict, total=False):
     CHECKPOINT/infer_result/TIMESTAMP.jsonl (./infer_result/ with --model) (default: none)"""
     max_batch_size: int | None
     """batch inference: records generated together, left-padded; none: 16 on GPU, 8 on CPU
-    (default: none)"""
+    (llamacpp: greedy answers decoded together; none: 16) (default: none)"""
     fast_decode: bool | None
     """static KV cache, and on CUDA torch.compile of the decode step (the first answer compiles
     for a while); none: on for GPU, off on CPU, where it is not faster (default: none)"""

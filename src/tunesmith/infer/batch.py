@@ -113,7 +113,7 @@ def infer_dataset(
     """Answer ``prompts`` (``load_prompts(--val_dataset)``) and write ``--result_path``.
 
     ``answer_many`` replaces the ``pt`` engine's batching (vLLM batches itself, llama.cpp
-    answers one record at a time).
+    decodes greedy answers ``--max_batch_size`` sequences together, others one at a time).
     """
     if answer_many is None:
         if args.max_batch_size is not None and args.max_batch_size < 1:

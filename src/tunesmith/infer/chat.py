@@ -128,7 +128,12 @@ def _llamacpp_backend(args: InferCommandArgs) -> tuple[Any, Reply, ReplyMany]:
             out.write("\n")
         return answer
 
-    return engine, reply, lambda convs: engine.generate_many(convs, gen)
+    def reply_many(convs: list[list[dict[str, str]]]) -> list[str]:
+        from tunesmith.infer.llamacpp_batch import answer_batch
+
+        return answer_batch(engine, convs, gen, args.max_batch_size)
+
+    return engine, reply, reply_many
 
 
 def chat(reply: Reply, system: str | None, stream: bool) -> None:

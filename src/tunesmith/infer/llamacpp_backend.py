@@ -67,7 +67,6 @@ def pt_only_flags(args: InferCommandArgs) -> list[str]:
         ("--merge_lora true", args.merge_lora),
         (f"--torch_dtype {args.torch_dtype}", args.torch_dtype != "auto"),
         (f"--attn_impl {args.attn_impl}", args.attn_impl != "sdpa"),
-        (f"--max_batch_size {args.max_batch_size}", args.max_batch_size is not None),
     )
     return [flag for flag, used in checks if used]
 

@@ -33,7 +33,7 @@ from tunesmith.infer.llamacpp_backend import (
     render_prompt,
     resolve_sampling,
 )
-from tunesmith.utils import UserError
+from tunesmith.utils import UserError, logger
 
 DEFAULT_PARALLEL = 16
 """Sequences decoded together (on 2 CPU cores 32 was hardly faster than 16 for the demo model)."""
@@ -192,3 +192,39 @@ def generate_parallel(
         llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_free(ctx)
     return [a or "" for a in answers]
+
+
+def sequential_reason(engine: LlamaCppEngine, gen: GenOptions) -> str | None:
+    """Why ``gen`` is answered one record at a time rather than by :func:`generate_parallel`;
+    None when the parallel answers are the sequential ones (greedy, no stop strings)."""
+    if gen.stop:
+        return "stop strings"  # generate_parallel does not cut answers at them
+    if resolve_sampling(gen, engine.defaults).do_sample:
+        # generate_parallel can sample, but the sequences draw from one random stream in
+        # step order, so a seeded run's answers would change with the batch size and differ
+        # from the one-at-a-time answers: keep those reproducible.
+        return "sampling"
+    return None
+
+
+def answer_batch(
+    engine: LlamaCppEngine,
+    conversations: list[list[dict[str, str]]],
+    gen: GenOptions,
+    parallel: int | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Answers to ``conversations`` in their order (``infer --val_dataset``): greedy requests
+    ``parallel`` sequences at a time (default :data:`DEFAULT_PARALLEL`), others one at a time."""
+    from tqdm import tqdm
+
+    if parallel is not None and parallel < 1:
+        raise UserError(f"--max_batch_size must be at least 1, got {parallel}")
+    if why := sequential_reason(engine, gen):
+        logger.info(f"llama.cpp answers one record at a time (for {why})")
+        return engine.generate_many(conversations, gen, progress)
+    parallel = parallel or DEFAULT_PARALLEL
+    logger.info(f"llama.cpp decodes {min(parallel, len(conversations))} answers together")
+    with tqdm(total=len(conversations), unit="rec", desc="infer", disable=not progress) as bar:
+        return generate_parallel(engine, conversations, gen, parallel,
+                                 on_done=lambda _i, _a: bar.update(1))  # fmt: skip
