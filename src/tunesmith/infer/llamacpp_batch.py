@@ -103,6 +103,19 @@ def _decode(llama_cpp: Any, ctx: Any, batch: Any, parts: list[tuple[int, list[in
     return rows
 
 
+def _sizes(engine: LlamaCppEngine, prompts: list[list[int]], gen: GenOptions, parallel: int,
+           shared: int) -> tuple[int, int, int]:  # fmt: skip
+    """Room per sequence, context size (one KV cache for all sequences and the shared
+    prefix, rounded up to 256 cells) and batch size for :func:`generate_parallel`."""
+    longest = max(map(len, prompts))
+    if longest + 1 > engine.n_ctx:
+        raise UserError(f"a conversation is {longest} tokens, more than the context "
+                        f"({engine.n_ctx}) leaves room for; raise --max_model_len")  # fmt: skip
+    per_seq = min(longest + gen.max_new_tokens, engine.n_ctx)
+    n_ctx = -(-(parallel * per_seq + shared) // 256) * 256
+    return per_seq, n_ctx, max(512, parallel * longest)
+
+
 def generate_parallel(
     engine: LlamaCppEngine,
     conversations: list[list[dict[str, str]]],
@@ -121,15 +134,9 @@ def generate_parallel(
     prompts = [render_prompt(engine, c) for c in conversations]
     if not prompts:
         return []
-    longest = max(map(len, prompts))
-    if longest + 1 > engine.n_ctx:
-        raise UserError(f"a conversation is {longest} tokens, more than the context "
-                        f"({engine.n_ctx}) leaves room for; raise --max_model_len")  # fmt: skip
-    per_seq = min(longest + gen.max_new_tokens, engine.n_ctx)
     parallel = max(1, min(parallel, len(prompts)))
     shared = shared_prefix(prompts)
-    n_ctx = -(-(parallel * per_seq + shared) // 256) * 256
-    n_batch = max(512, parallel * longest)
+    per_seq, n_ctx, n_batch = _sizes(engine, prompts, gen, parallel, shared)
     s = resolve_sampling(gen, engine.defaults)
     rng = engine.rng if gen.seed is None else np.random.default_rng(gen.seed)
     llm = engine.llm
@@ -166,13 +173,10 @@ def generate_parallel(
             for seq in range(parallel):
                 if slots[seq] is None and queue:
                     start(seq)
-            parts = [(seq, slot.pending, slot.pos, True) for seq, slot in enumerate(slots)
-                     if slot is not None]  # fmt: skip
-            rows = _decode(llama_cpp, ctx, batch, parts)
-            for (seq, pending, _pos, _out), row in zip(parts, rows, strict=True):
-                slot = slots[seq]
-                assert slot is not None
-                slot.logit_row, slot.pos = row, slot.pos + len(pending)
+            live = [(seq, slot) for seq, slot in enumerate(slots) if slot is not None]
+            rows = _decode(llama_cpp, ctx, batch, [(q, sl.pending, sl.pos, True) for q, sl in live])
+            for (_seq, live_slot), row in zip(live, rows, strict=True):
+                live_slot.logit_row, live_slot.pos = row, live_slot.pos + len(live_slot.pending)
             for seq, slot in enumerate(slots):
                 if slot is None:
                     continue
