@@ -199,3 +199,23 @@ def reexec_with_malloc(argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "tunesmith", *argv], env)
+
+
+def parse_parts(flag: str, spec: str, parts: tuple[str, ...], auto: tuple[str, ...]) -> set[str]:
+    """The parts a ``--flag auto|all|none|a,b,…`` value switches on (``auto``: ``auto``'s);
+    an unknown part is a ``UserError`` naming the flag and the parts there are."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return set(auto)
+    if spec in ("all", "on", "true"):
+        return set(parts)
+    if spec in ("none", "off", "false", ""):
+        return set()
+    chosen = {p.strip() for p in spec.split(",") if p.strip()}
+    unknown = sorted(chosen - set(parts))
+    if unknown:
+        raise UserError(
+            f"{flag}: unknown part {unknown[0]!r}; use auto, all, none, or a comma list of "
+            f"{', '.join(parts)}"
+        )
+    return chosen

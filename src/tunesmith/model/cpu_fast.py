@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tunesmith.utils import UserError
+from tunesmith.utils import parse_parts
 
 PARTS = ("lora", "attn", "adamw", "compile")
 DEFAULT = ("lora", "attn", "adamw")
@@ -43,23 +43,9 @@ class CpuFast:
     def parse(cls, spec: str, cpu: bool = True) -> CpuFast:
         """``auto``, ``all``, ``none`` / ``off``, or a comma list of the parts; everything is
         off when not training on the CPU."""
-        spec = spec.strip().lower()
-        if spec == "auto":
-            parts = list(DEFAULT)
-        elif spec in ("all", "on", "true"):
-            parts = list(PARTS)
-        elif spec in ("none", "off", "false", ""):
-            parts = []
-        else:
-            parts = [p.strip() for p in spec.split(",") if p.strip()]
-            unknown = [p for p in parts if p not in PARTS]
-            if unknown:
-                raise UserError(
-                    f"--cpu_fast: unknown part {unknown[0]!r}; use auto, all, none, or a comma "
-                    f"list of {', '.join(PARTS)}"
-                )
+        parts = parse_parts("--cpu_fast", spec, PARTS, DEFAULT)  # checked on any device
         if not cpu:
-            parts = []
+            parts = set()
         return cls(**{p: p in parts for p in PARTS})
 
 

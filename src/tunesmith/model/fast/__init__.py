@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tunesmith.utils import UserError
+from tunesmith.utils import parse_parts
 
 FEATURES = ("lora", "group", "kernels", "loss")
 LIGER_INSTALL = "pip install 'tunesmith[liger]'"
@@ -49,22 +49,8 @@ class FastOptions:
         only, and the CPU path keeps its own measured choices (shared LoRA dropout masks,
         the LM head on label positions only).
         """
-        spec = spec.strip().lower()
-        if spec == "auto":
-            return cls() if cuda else cls(lora=False, group=False, kernels=False, loss=False)
-        if spec in ("all", "on", "true"):
-            return cls()
-        if spec in ("none", "off", "false", ""):
-            return cls(lora=False, group=False, kernels=False, loss=False)
-        parts = [p.strip() for p in spec.split(",") if p.strip()]
-        unknown = [p for p in parts if p not in FEATURES]
-        if unknown:
-            raise UserError(
-                f"--fast: unknown part {unknown[0]!r}; use all, none, or a comma list of "
-                f"{', '.join(FEATURES)}"
-            )
-        return cls(lora="lora" in parts, group="group" in parts, kernels="kernels" in parts,
-                   loss="loss" in parts)  # fmt: skip
+        parts = parse_parts("--fast", spec, FEATURES, FEATURES if cuda else ())
+        return cls(**{p: p in parts for p in FEATURES})
 
 
 def apply_fast_path(model: nn.Module, options: FastOptions) -> list[str]:
