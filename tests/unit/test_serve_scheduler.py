@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunesmith.serve.scheduler import Job, Sampling, Scheduler, _partial_stop, pick
+from tunesmith.serve.scheduler import Job, Sampling, Scheduler, partial_stop, pick
 
 
 def run_jobs(model, tok, specs: list[tuple[list[int], str | None]], n: int, gap: float) -> list:
@@ -72,4 +72,4 @@ def test_pick_filters() -> None:
     [("hello wor", ["world"], 3), ("hello", ["xyz"], 0), ("ab", ["abc", "b"], 2)],
 )
 def test_partial_stop_is_held_back(text: str, stops: list[str], held: int) -> None:
-    assert _partial_stop(text, stops) == held
+    assert partial_stop(text, stops) == held

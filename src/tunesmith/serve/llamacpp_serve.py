@@ -12,9 +12,7 @@ system prompt, earlier turns of a chat) only evaluates what is new.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,7 +22,7 @@ from tunesmith.config import DeployArgs, InferCommandArgs, from_dict
 from tunesmith.infer.llamacpp_backend import LlamaCppEngine, decode_ids, render_text
 from tunesmith.infer.llamacpp_sampling import Sampling as LlamaSampling
 from tunesmith.serve.models import Adapter, Catalog, parse_adapters
-from tunesmith.serve.scheduler import Job, _find_stop, _partial_stop
+from tunesmith.serve.scheduler import Job, JobQueue, find_stop, partial_stop
 from tunesmith.utils import UserError, error_line, logger
 
 
@@ -101,35 +99,13 @@ def sampling_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class LlamaScheduler:
+class LlamaScheduler(JobQueue):
     """The pt ``Scheduler``'s interface over llama.cpp engines, one request at a time."""
 
     def __init__(self, engines: dict[str | None, LlamaCppEngine]) -> None:
+        super().__init__("tunesmith-llamacpp")
         self.engines = engines
-        self.waiting: deque[Job] = deque()
-        self.wake = threading.Condition()
         self.current: Job | None = None
-        self.generated = 0
-        """Tokens generated since start (for /health)."""
-        self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name="tunesmith-llamacpp", daemon=True)
-
-    def start(self) -> None:
-        """Start the decoding thread."""
-        self.thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread after its current token."""
-        with self.wake:
-            self.stopping = True
-            self.wake.notify()
-        self.thread.join(timeout=30)
-
-    def submit(self, job: Job) -> None:
-        """Queue ``job``; it starts when the requests before it are answered."""
-        with self.wake:
-            self.waiting.append(job)
-            self.wake.notify()
 
     def running(self) -> int:
         """Requests decoding now (0 or 1)."""
@@ -182,13 +158,13 @@ class LlamaScheduler:
             self.generated += 1
             answer += engine.llm.detokenize([token])
             text = answer.decode("utf-8", "replace")
-            cut = _find_stop(text, job.stops, job.sent)
+            cut = find_stop(text, job.stops, job.sent)
             if cut is not None:
                 _send(job, text[:cut])
                 job.emit("done", ("stop", len(job.tokens)))
                 return
             if not text.endswith("\ufffd"):  # else half a UTF-8 character: wait for the rest
-                _send(job, text[: len(text) - _partial_stop(text, job.stops)])
+                _send(job, text[: len(text) - partial_stop(text, job.stops)])
         _send(job, answer.decode("utf-8", "replace"))
         if len(job.tokens) >= budget:
             job.emit("done", ("length", len(job.tokens)))

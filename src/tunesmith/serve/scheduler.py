@@ -91,24 +91,18 @@ class _Batch:
     """[B, 1] its position."""
 
 
-class Scheduler:
-    """The batching loop over one resident model; ``submit`` from any thread."""
+class JobQueue:
+    """A decoding thread fed by a queue of jobs: the plumbing both schedulers (pt here,
+    llama.cpp in ``llamacpp_serve``) share. ``submit`` from any thread; the subclass's
+    ``_loop`` takes jobs from ``waiting`` under ``wake`` and returns when ``stopping``."""
 
-    def __init__(self, model: Any, tokenizer: Any, eos_ids: set[int], max_batch: int) -> None:
-        self.model = model
-        self.tok = tokenizer
-        self.eos_ids = eos_ids
-        self.max_batch = max_batch
-        self.device = next(model.parameters()).device
-        self.cache_name = cache_arg(core_model(model))
-        """The forward's (and its output's) name for the KV cache."""
+    def __init__(self, name: str) -> None:
         self.waiting: deque[Job] = deque()
         self.wake = threading.Condition()
-        self.batch: _Batch | None = None
         self.generated = 0
         """Tokens generated since start (for /health)."""
         self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name="tunesmith-scheduler", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def start(self) -> None:
         """Start the decoding thread."""
@@ -122,10 +116,28 @@ class Scheduler:
         self.thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; it joins the running batch at the next step boundary."""
+        """Queue ``job``; the loop takes it at its next step boundary."""
         with self.wake:
             self.waiting.append(job)
             self.wake.notify()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Scheduler(JobQueue):
+    """The batching loop over one resident model; ``submit`` from any thread."""
+
+    def __init__(self, model: Any, tokenizer: Any, eos_ids: set[int], max_batch: int) -> None:
+        super().__init__("tunesmith-scheduler")
+        self.model = model
+        self.tok = tokenizer
+        self.eos_ids = eos_ids
+        self.max_batch = max_batch
+        self.device = next(model.parameters()).device
+        self.cache_name = cache_arg(core_model(model))
+        """The forward's (and its output's) name for the KV cache."""
+        self.batch: _Batch | None = None
 
     def running(self) -> int:
         """Rows decoding now."""
@@ -272,7 +284,7 @@ class Scheduler:
         job.tokens.append(token)
         eos = token in self.eos_ids
         text = self.tok.decode(job.tokens, skip_special_tokens=True)
-        cut = _find_stop(text, job.stops, job.sent)
+        cut = find_stop(text, job.stops, job.sent)
         if cut is not None:
             self._send(job, text[:cut])
             return "stop"
@@ -281,7 +293,7 @@ class Scheduler:
             return "stop" if eos else "length"
         if text.endswith("\ufffd"):
             return None  # half a UTF-8 character: wait for the rest
-        self._send(job, text[: len(text) - _partial_stop(text, job.stops)])
+        self._send(job, text[: len(text) - partial_stop(text, job.stops)])
         return None
 
     def _send(self, job: Job, text: str) -> None:
@@ -320,13 +332,13 @@ def pick(row: torch.Tensor, s: Sampling, seen: list[int], rng: torch.Generator |
     return int(idx[choice]) if idx is not None else choice
 
 
-def _find_stop(text: str, stops: list[str], sent: int) -> int | None:
+def find_stop(text: str, stops: list[str], sent: int) -> int | None:
     """Where the earliest stop string starts in ``text`` (searching only near new text)."""
     found = [i for s in stops if (i := text.find(s, max(0, sent - len(s)))) >= 0]
     return min(found) if found else None
 
 
-def _partial_stop(text: str, stops: list[str]) -> int:
+def partial_stop(text: str, stops: list[str]) -> int:
     """Length of the longest end of ``text`` that could begin a stop string: held back."""
     best = 0
     for s in stops:
