@@ -162,7 +162,8 @@ def test_dropout_layers_are_fused_and_dropout_is_off_in_eval() -> None:
 
 
 def test_fast_options_parse() -> None:
-    assert FastOptions.parse("all") == FastOptions()
+    assert FastOptions.parse("all") == FastOptions(graphs=True, embed=True)
+    assert FastOptions.parse("auto") == FastOptions()
     assert FastOptions.parse("none") == FastOptions(
         lora=False, group=False, kernels=False, loss=False
     )

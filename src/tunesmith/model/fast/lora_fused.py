@@ -37,6 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
+CACHE_COPIES = True
+"""Whether ``compute_copy`` caches; off while a CUDA graph is captured (``graphs.py``): the
+cast must be in the graph, or its replays would read the copy of the capture's step."""
+
 
 def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The base weight as a (out, in) matrix in ``dtype``; a bnb 4-bit one is dequantized."""
@@ -117,6 +121,9 @@ class LoraLinearFunction(torch.autograd.Function):
 def compute_copy(p: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
     """``p * scale`` in ``dtype``, cached on ``p`` until it changes (its version counter moves
     with every in-place optimizer update; its storage changes when it is replaced)."""
+    if not CACHE_COPIES:
+        with torch.no_grad():
+            return p.to(dtype) if scale == 1.0 else (p * scale).to(dtype)
     key = (p.data_ptr(), p._version, dtype, scale)
     cached = getattr(p, "_tunesmith_copy", None)
     if cached is not None and cached[0] == key:
