@@ -64,6 +64,8 @@ def test_graphed_layers_match_the_eager_fast_path(ckpt: bool, monkeypatch) -> No
     # Layer i reads layer i-1's static output in place; the first has a buffer of its own.
     assert gs.layers[1].x.data_ptr() == gs.layers[0].out.data_ptr()
     assert gs.layers[0].x.data_ptr() != gs.layers[0].out.data_ptr()
+    # Without recompute the backward graph reads the forward's saved activations: kept alive.
+    assert (gs.layers[0].held is None) == ckpt
     for (loss, grads), (want_loss, want) in zip(got, ref, strict=True):
         assert abs(loss - want_loss) < 1e-5 * abs(want_loss)
         assert grads.keys() == want.keys() and len(grads) == 42  # 7 projections x 2 x 3 layers

@@ -29,8 +29,9 @@ from torch import nn
 from tunesmith.utils import parse_parts
 
 FEATURES = ("lora", "group", "kernels", "loss", "graphs", "embed")
-# What ``auto`` switches on with CUDA: the parts measured to win on the H200 (bench/RESULTS.md).
-AUTO = ("lora", "group", "kernels", "loss")
+# What ``auto`` switches on with CUDA: the parts measured to win on the H200 (bench/RESULTS.md,
+# issue 17): every part.
+AUTO = FEATURES
 LIGER_INSTALL = "pip install 'tunesmith[liger]'"
 
 
@@ -46,9 +47,9 @@ class FastOptions:
     """Liger's Triton RMSNorm/RoPE/SwiGLU on CUDA (skipped when liger-kernel is missing)."""
     loss: bool = True
     """Chunked linear cross-entropy with the gradient formed in the forward."""
-    graphs: bool = False
+    graphs: bool = True
     """Decoder layers replayed as CUDA graphs at the run's fixed shape (CUDA only)."""
-    embed: bool = False
+    embed: bool = True
     """A frozen, untied input embedding kept in pinned host memory (CUDA only)."""
 
     @classmethod

@@ -29,7 +29,7 @@ def offload_embedding(model: nn.Module, pin: bool = True) -> str:
         return ""
     if head is not None and getattr(head, "weight", None) is emb.weight:
         return ""
-    if emb.padding_idx is not None or emb.max_norm is not None:
+    if emb.max_norm is not None:  # (padding_idx only shapes the gradient: frozen here)
         return ""  # only the plain gather is served
     size = emb.weight.numel() * emb.weight.element_size()
     host_embedding(emb, emb.weight.device, pin)

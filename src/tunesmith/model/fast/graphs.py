@@ -23,9 +23,10 @@ so accumulation and clipping are unchanged. The math is the eager layer's: the s
 on the same inputs.
 
 A layer runs eagerly (HF's own checkpointing, replicated here) whenever the graphs cannot
-serve the call: another shape, an attention mask (padding), a KV cache, eval mode, no grad,
-LoRA or attention dropout (a captured draw would be replayed; with recompute the two graphs
-would draw different masks), or several processes.
+serve the call: another shape, more than ``MAX_TOKENS`` tokens, an attention mask (padding),
+a KV cache, eval mode, no grad, LoRA or attention dropout (a captured draw would be replayed;
+with recompute the two graphs would draw different masks), full fine-tuning, or several
+processes.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ from torch import nn
 WARMUP_CALLS = 1
 """Eager calls of every layer at the graphed shape before the capture (Triton's JIT and cuDNN's
 plans must exist: neither can be built while a graph is captured); the second call captures."""
+MAX_TOKENS = 4096
+"""Rows x length above which the layers stay eager: a longer step is bound by the GPU, not the
+host (seq 8192: 726 ms of GPU work in 760 ms), while the graphs' pool keeps one layer's
+backward scratch reserved (~0.4 GiB at 2,048 tokens, growing with the length)."""
 EMULATE = False
 """Tests only: a CPU stand-in for CUDA graphs (replay re-runs the captured function and copies
 its results into the tensors the capture returned). CI has no GPU."""
@@ -81,6 +86,9 @@ class LayerGraphs:
     """The LoRA weights' gradients, flattened into one buffer."""
     params: list[torch.Tensor]
     """The layer's trained parameters, in ``flat``'s order."""
+    held: Any = None
+    """Without recompute: the captured forward's autograd graph, whose saved activations the
+    backward graph reads (dropping it would hand their memory back to the pool)."""
 
 
 @dataclass
@@ -172,6 +180,8 @@ def _servable(self: nn.Module, gs: GraphSet, hidden: torch.Tensor, kwargs: dict)
         return False
     if not (hidden.is_cuda or EMULATE) or (gs.shape is not None and hidden.shape != gs.shape):
         return False
+    if hidden.numel() // hidden.shape[-1] > MAX_TOKENS:
+        return False
     rope = kwargs.get("position_embeddings")
     if not (isinstance(rope, tuple) and len(rope) == 2):
         return False
@@ -182,6 +192,10 @@ def _servable(self: nn.Module, gs: GraphSet, hidden: torch.Tensor, kwargs: dict)
             return False
     if gs.shape is None:  # first servable call of the run: checks that hold for all layers
         gs.disabled = _why_not(self)
+        if gs.disabled:
+            from tunesmith.utils import logger
+
+            logger.info(f"fast path: CUDA graphs off ({gs.disabled}); the layers run eagerly")
     return not gs.disabled
 
 
@@ -191,6 +205,8 @@ def _why_not(layer: nn.Module) -> str:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return "several processes"
+    if any(p.requires_grad and "lora_" not in n for n, p in layer.named_parameters()):
+        return "weights other than LoRA trained"  # static gradients as large as those weights
     for m in layer.modules():
         if isinstance(m, nn.Dropout) and m.p > 0:
             return "LoRA dropout"
@@ -295,7 +311,8 @@ def _capture_layer(
         return [torch.cat([g.reshape(-1) for g in grads[1:]]) if params else gx.new_empty(0)]
 
     bwd_graph, (flat,) = _capture(gs, bwd)
-    lg = LayerGraphs(fwd_graph, bwd_graph, x, out.detach(), gy, gx, flat, params)
+    lg = LayerGraphs(fwd_graph, bwd_graph, x, out.detach(), gy, gx, flat, params,
+                     held=None if recompute else held)  # fmt: skip
     gs.layers[index] = lg
     if len(gs.layers) == gs.n_layers and not EMULATE:
         gs.slack_bytes = _pool_slack(gs.pool)

@@ -112,10 +112,11 @@ class LoraGroupFunction(torch.autograd.Function):
 def _cat_cached(parts: list[torch.Tensor]) -> torch.Tensor:
     """``torch.cat(parts)``, cached on the first part until any part changes (the parts are
     ``compute_copy`` results: new tensors after each optimizer step; or, in fp32, the
-    parameters themselves, whose version counters move with each update)."""
+    parameters themselves: keyed by the optimizer-step count too, since fused optimizers
+    leave version counters alone)."""
     if not lora_fused.CACHE_COPIES:
         return torch.cat(parts)
-    key = [(id(t), t.data_ptr(), t._version) for t in parts]
+    key = [(id(t), t.data_ptr(), t._version, lora_fused._STEPS[0]) for t in parts]
     cached = getattr(parts[0], "_tunesmith_cat", None)
     if cached is not None and cached[0] == key:
         return cached[1]
