@@ -128,3 +128,21 @@ def test_host_embedding_equals_the_plain_gather() -> None:
         got = emb(ids)
         assert torch.equal(got, want) and got.shape == (2, 7, 8)
     assert torch.equal(emb(ids[:, :3]), want[:, :3])
+
+
+def test_a_failed_capture_leaves_the_layers_eager(monkeypatch) -> None:
+    """A capture CUDA refuses switches the graphs off for the run; training goes on eagerly
+    with the eager path's results."""
+    monkeypatch.setattr(graphs, "EMULATE", True)
+    ref = _steps(_apply(_model(True), graphs_on=False), 4, [16])
+
+    def refuse(*_a, **_k):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(graphs, "_capture_layer", refuse)
+    model = _apply(_model(True), graphs_on=True)
+    got = _steps(model, 4, [16])
+    gs = model.get_base_model().model.layers[0]._ts_graphs
+    assert gs.disabled.startswith("capture failed: operation not permitted") and not gs.layers
+    for (loss, _), (want, _) in zip(got, ref, strict=True):
+        assert abs(loss - want) < 1e-5 * abs(want)

@@ -157,7 +157,7 @@ def _graphed_forward(self: nn.Module, hidden: torch.Tensor, *args: Any, **kwargs
             key = (index, tuple(hidden.shape))
             gs.calls[key] = gs.calls.get(key, 0) + 1
             if gs.calls[key] > WARMUP_CALLS:
-                lg = _capture_layer(self, gs, hidden, kwargs)
+                lg = _try_capture(self, gs, hidden, kwargs)
         if lg is not None:
             _copy_rope(gs, kwargs["position_embeddings"])
             return _Replay.apply(hidden, lg, *lg.params)
@@ -260,6 +260,23 @@ def _capture(gs: GraphSet, fn: Callable[[], list[torch.Tensor]]) -> tuple[Any, l
     if gs.pool is None:
         gs.pool = graph.pool()
     return graph, outs
+
+
+def _try_capture(
+    layer: nn.Module, gs: GraphSet, hidden: torch.Tensor, kwargs: dict
+) -> LayerGraphs | None:
+    """``_capture_layer``, or None with the graphs switched off for the run when a capture
+    fails (an operation CUDA cannot capture: the layers then run eagerly, as without graphs;
+    layers already replayed in this step finish their backward through their graphs)."""
+    try:
+        return _capture_layer(layer, gs, hidden, kwargs)
+    except Exception as e:  # any capture failure means: run eagerly
+        from tunesmith.utils import logger
+
+        gs.disabled = f"capture failed: {str(e).splitlines()[0][:200]}"
+        gs.layers.clear()  # graphs still in this step's autograd graph stay alive through it
+        logger.warning(f"fast path: CUDA graphs off ({gs.disabled}); the layers run eagerly")
+        return None
 
 
 def _capture_layer(
