@@ -34,8 +34,8 @@ QLORA_SLOWDOWN = 1.30  # 4-bit: each weight is dequantized in forward, recompute
 # layer's backward working set reserved (GRAPH_SCRATCH of it without recompute); fitted to the
 # session-5 harness rows (bench/RESULTS.md, issue 17).
 GRAPH_TOKENS = 4096  # model/fast/graphs.py's MAX_TOKENS
-HOST_S_GRAPHS = 0.33e-3
-QLORA_SLOWDOWN_GRAPHS = 1.135
+HOST_S_GRAPHS = 0.45e-3
+QLORA_SLOWDOWN_GRAPHS = 1.077
 GRAPH_SCRATCH_NOCKPT = 0.3
 CE_CHUNK_ELEMENTS = 2**25  # model/fast/loss.py's CHUNK_ELEMENTS
 
