@@ -9,7 +9,8 @@ When CPU issue time equals the backward's wall time and GPU busy is far below it
 launch-bound (the GPU waits for Python).
 
 Variants (``+``-joined; ``ckpt`` default on): ``none`` (peft layers under bf16 autocast),
-``lora``, ``group``, ``kernels``, ``loss`` (FastOptions parts), ``v1`` (the previous fused
+``lora``, ``group``, ``kernels``, ``loss``, ``graphs`` (FastOptions parts), ``embed`` (the
+input embedding in host memory), ``v1`` (the previous fused
 function, bench/gpu/lora_fused_v1.py, instead of the current one), ``nockpt``, ``compile``
 (``torch.compile`` of every decoder layer).
 
@@ -56,8 +57,13 @@ def build(parts: set[str]) -> tuple:
     quant.set_lora_dtype(model, "float32")
     keep_activation_dtype(model)
     opts = FastOptions(lora="lora" in parts and "v1" not in parts, group="group" in parts,
-                       kernels="kernels" in parts, loss="loss" in parts)  # fmt: skip
+                       kernels="kernels" in parts, loss="loss" in parts,
+                       graphs="graphs" in parts)  # fmt: skip
     done = apply_fast_path(model, opts)
+    if "embed" in parts:
+        from tunesmith.model.fast.embed import offload_embedding
+
+        done.append(offload_embedding(model))
     if "v1" in parts:
         sys.path.insert(0, str(ROOT / "bench" / "gpu"))
         import lora_fused_v1
@@ -82,12 +88,14 @@ def measure(parts: set[str], seq: int, steps: int = 5) -> dict:
                             fused=True)  # fmt: skip
     ids = torch.randint(0, SHAPE["vocab_size"], (1, seq), device="cuda")
 
+    losses: list[float] = []
+
     def step() -> tuple[float, float, float]:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss_sum, n, _ = module(input_ids=ids, labels=ids)
-        torch.cuda.synchronize()
+        losses.append(float(loss_sum / n))  # the step's own sync
         t1 = time.perf_counter()
         (loss_sum / n).backward()
         opt.step()
@@ -103,7 +111,11 @@ def measure(parts: set[str], seq: int, steps: int = 5) -> dict:
     torch.cuda.reset_peak_memory_stats()
     rows = sorted((step() for _ in range(steps)), key=lambda r: r[0] + r[1])
     fwd, bwd, issue = rows[len(rows) // 2]
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    from tunesmith.model.fast.graphs import SLACK
+
+    # CUDA graphs' replays allocate nothing: their pool's scratch is counted on top.
+    peak = (torch.cuda.max_memory_allocated() + SLACK[0]) / 2**30
+    reserved = torch.cuda.max_memory_reserved() / 2**30
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
     busy = count = 0.0
@@ -128,7 +140,9 @@ def measure(parts: set[str], seq: int, steps: int = 5) -> dict:
             "build_s": round(t_first - t_build, 1), "first_step_s": round(first_s, 1),
             "fwd_ms": round(fwd * 1e3, 1), "bwd_ms": round(bwd * 1e3, 1),
             "bwd_issue_ms": round(issue * 1e3, 1), "tok_s": round(seq / (fwd + bwd)),
-            "peak_gib": round(peak, 2), "gpu_busy_ms": round(busy / 1e3, 1),
+            "peak_gib": round(peak, 2), "graph_slack_gib": round(SLACK[0] / 2**30, 3),
+            "reserved_gib": round(reserved, 2), "losses": [round(x, 5) for x in losses],
+            "gpu_busy_ms": round(busy / 1e3, 1),
             "kernels": int(count),
             "split_ms": {k: round(v / 1e3, 1) for k, v in sorted(kinds.items())},
             "top": [[k, round(ms, 1), n] for k, (ms, n) in top]}  # fmt: skip

@@ -16,6 +16,11 @@ from pathlib import Path
 LORA = dict(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 TUNESMITH_FLAGS = {
     "lora_nofast": ["--fast", "none"],
+    "lora_all": ["--fast", "all"],  # + CUDA graphs and the host embedding (issue 17, session 5)
+    "lora_all_nockpt": ["--fast", "all", "--gradient_checkpointing", "false"],
+    "lora_graphs": ["--fast", "lora,group,kernels,loss,graphs"],
+    "lora_embed": ["--fast", "lora,group,kernels,loss,embed"],
+    "qlora_all": ["--fast", "all", "--quantization_bit", "4", "--bnb_4bit_quant_type", "nf4"],
     "lora_noliger": ["--fast", "lora,group,loss"],
     "lora_nockpt": ["--gradient_checkpointing", "false"],
     "lora_mixed": ["--packing", "true"],

@@ -67,6 +67,7 @@ SHAPES = {
 # unsloth_bench.py, needs it importable), and checks (lossmatch, profile, profile_nofast, ablation).
 # A run may name its own length: lora@8192.
 RUNS = ("lora", "lora_nofast", "lora_noliger", "lora_nockpt", "lora_mixed", "qlora",
+        "lora_all", "lora_all_nockpt", "lora_graphs", "lora_embed", "qlora_all",
         "peft", "peft_qlora", "peft_liger", "peft_nockpt", "peft_mixed",
         "unsloth", "unsloth_qlora", "lossmatch", "profile", "profile_nofast",
         "ablation")  # fmt: skip
@@ -268,7 +269,7 @@ def one(run: str, model_dir: str, data: str, seq: int, steps: int, work: str, de
     import gpu_fast
     from gpu_rows import run_peer, run_tunesmith
 
-    if run.startswith("lora") or run == "qlora":
+    if run.startswith(("lora", "qlora")):
         r = run_tunesmith(run, model_dir, data, seq, steps, work)
     elif run == "peft_liger":
         r = times_to_step(gpu_fast.peer_liger(model_dir, seq, steps))

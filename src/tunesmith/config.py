@@ -192,7 +192,7 @@ class TrainArgs:
     fast: str = arg(
         "auto",
         "fast GPU path parts: auto (all on CUDA, none on CPU), all, none, or a comma list of "
-        "lora,group,kernels,loss",
+        "lora,group,kernels,loss,graphs,embed",
     )
     cpu_fast: str = arg(
         "auto",

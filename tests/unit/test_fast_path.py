@@ -162,12 +162,12 @@ def test_dropout_layers_are_fused_and_dropout_is_off_in_eval() -> None:
 
 
 def test_fast_options_parse() -> None:
-    assert FastOptions.parse("all") == FastOptions()
+    assert FastOptions.parse("all") == FastOptions() == FastOptions.parse("auto")
     assert FastOptions.parse("none") == FastOptions(
-        lora=False, group=False, kernels=False, loss=False
+        lora=False, group=False, kernels=False, loss=False, graphs=False, embed=False
     )
     assert FastOptions.parse("lora, loss") == FastOptions(
-        lora=True, group=False, kernels=False, loss=True
+        lora=True, group=False, kernels=False, loss=True, graphs=False, embed=False
     )
     with pytest.raises(UserError, match="unknown part 'fused'"):
         FastOptions.parse("lora,fused")
@@ -278,3 +278,26 @@ def test_grouped_layers_with_dropout_fall_back_in_training(monkeypatch: pytest.M
     model.eval()
     ref = _tiny_peft(dropout=0.1).eval()(input_ids=ids).logits
     assert _rel(model(input_ids=ids).logits, ref) < 1e-5 and len(calls) == 4
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_fast_path_trains_with_a_fused_optimizer(group: bool) -> None:
+    """Fused AdamW updates the adapter without moving its version counter: the cached
+    compute-dtype copies must still follow every step (found on the H200, issue 17)."""
+    runs = []
+    for fast in (False, True):
+        model = _tiny_peft()
+        if fast:
+            apply_fast_path(model, FastOptions(group=group))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
+        losses = []
+        for _ in range(3):
+            loss, _, _ = _loss_and_grads(model, fused_ce=fast)
+            losses.append(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        runs.append(losses)
+    assert runs[0][0] != runs[0][2]  # the reference does train
+    for got, want in zip(runs[1], runs[0], strict=True):
+        assert abs(got - want) < 1e-4 * abs(want)

@@ -152,7 +152,7 @@ class SftFlags(TypedDict, total=False):
     """weight-decomposed LoRA (DoRA) (default: false)"""
     fast: str
     """fast GPU path parts: auto (all on CUDA, none on CPU), all, none, or a comma list of
-    lora,group,kernels,loss (default: auto)"""
+    lora,group,kernels,loss,graphs,embed (default: auto)"""
     cpu_fast: str
     """CPU training path parts: auto (lora,attn,adamw when training on the CPU), all, none, or a
     comma list of lora,attn,adamw,compile (default: auto)"""

@@ -29,6 +29,14 @@ MATMUL_PEAK = 790e12
 MATMUL_EFF = 0.72
 HOST_S = 1.28e-3
 QLORA_SLOWDOWN = 1.30  # 4-bit: each weight is dequantized in forward, recompute and backward
+# LoRA rows of up to GRAPH_TOKENS tokens replay each layer as CUDA graphs (model/fast/graphs.py):
+# the host time per layer and pass drops to HOST_S_GRAPHS, and the graphs' pool keeps one
+# layer's backward working set reserved (GRAPH_SCRATCH of it without recompute); fitted to the
+# session-5 harness rows (bench/RESULTS.md, issue 17).
+GRAPH_TOKENS = 4096  # model/fast/graphs.py's MAX_TOKENS
+HOST_S_GRAPHS = 0.45e-3
+QLORA_SLOWDOWN_GRAPHS = 1.077
+GRAPH_SCRATCH_NOCKPT = 0.3
 CE_CHUNK_ELEMENTS = 2**25  # model/fast/loss.py's CHUNK_ELEMENTS
 
 
@@ -139,7 +147,9 @@ def estimate(shape: Shape, args: EstimateArgs) -> dict[str, float]:
     else:
         # nf4: 4 bits + one 8-bit absmax a 64-block + fp32 second-level constants a 256 blocks.
         per_linear = 0.5 + 1 / 64 + 4 / (64 * 256) if args.quantization_bit == 4 else 2.0
-        terms["weights"] = (per_linear * linear + 2 * other) / GIB
+        # The frozen input embedding of an untied model lives in host memory (fast/embed.py).
+        host = 0 if shape.tied else shape.vocab * shape.hidden
+        terms["weights"] = (per_linear * linear + 2 * (other - host)) / GIB
         lora = shape.layers * args.lora_rank * sum(a + b for a, b in shape.linear_shapes())
         terms["lora_and_adamw"] = 16 * lora / GIB  # fp32 weight, grad, two moments
     # Bytes a token keeps per layer without recompute, with the fast path's Liger kernels (the
@@ -147,11 +157,15 @@ def estimate(shape: Shape, args: EstimateArgs) -> dict[str, float]:
     # fitted to the H200's no-checkpointing row (23.43 GiB).
     per_token_layer = 2 * (5 * h + 2 * shape.kv_dim + 3 * i)
     working = 2 * tokens * (MLP_WORKING * i + 6 * h)  # one layer's backward
+    graphs = args.train_type == "lora" and tokens <= GRAPH_TOKENS
     if args.gradient_checkpointing:
         terms["checkpoints"] = 2 * tokens * h * (shape.layers + 1) / GIB
         terms["layer_backward"] = working / GIB
     else:
         terms["activations"] = (per_token_layer * tokens * shape.layers + working) / GIB
+    if graphs:
+        scratch = 1.0 if args.gradient_checkpointing else GRAPH_SCRATCH_NOCKPT
+        terms["graph_pool"] = scratch * working / GIB
     chunk = max(64, CE_CHUNK_ELEMENTS // shape.vocab // 64 * 64)
     terms["loss"] = (6 * min(chunk, tokens) * shape.vocab + 4 * tokens * h) / GIB
     flops = 2 * (linear + shape.vocab * h) * tokens  # forward matmuls
@@ -160,9 +174,10 @@ def estimate(shape: Shape, args: EstimateArgs) -> dict[str, float]:
     if args.train_type == "full":
         factor += 1  # weight gradients
     passes = 3 if args.gradient_checkpointing else 2
-    seconds = factor * flops / (MATMUL_EFF * MATMUL_PEAK) + HOST_S * shape.layers * passes
+    host = HOST_S_GRAPHS if graphs else HOST_S
+    seconds = factor * flops / (MATMUL_EFF * MATMUL_PEAK) + host * shape.layers * passes
     if args.quantization_bit == 4:
-        seconds *= QLORA_SLOWDOWN
+        seconds *= QLORA_SLOWDOWN_GRAPHS if graphs else QLORA_SLOWDOWN
     out = {k: round(v, 3) for k, v in terms.items()}
     out["peak_gib"] = round(sum(terms.values()), 2)
     out["tokens_per_s"] = round(tokens / seconds)

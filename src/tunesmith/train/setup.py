@@ -362,6 +362,11 @@ def setup(
     loss_module, optimizer, loader, val_loader = accelerator.prepare(
         CausalLMLoss(model, fused_ce=plan.fast.loss), optimizer, loader, val_loader
     )
+    if plan.fast.embed and accelerator.device.type == "cuda" and not strategy.sharded:
+        from tunesmith.model.fast.embed import offload_embedding
+
+        if line := offload_embedding(model):
+            logger.info(f"fast path: {line}")
     # FSDP2 replaced the parameters with sharded ones: clip those.
     params = [p for p in loss_module.parameters() if p.requires_grad]
     sched, scheduler = schedule(args, optim, len(loader), optimizer)

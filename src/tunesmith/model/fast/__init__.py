@@ -10,7 +10,11 @@ One call, :func:`apply_fast_path`, after peft has wrapped the model, switches on
 - ``kernels``: Liger's Triton RMSNorm, RoPE and SwiGLU on Qwen2/Llama-family models on CUDA,
   when ``liger-kernel`` is installed (``pip install 'tunesmith[liger]'``);
 - ``loss``: the LM head's cross-entropy in chunks with the gradient formed in the forward
-  (``loss.py``); the loss module reads it from ``FastOptions.loss``.
+  (``loss.py``); the loss module reads it from ``FastOptions.loss``;
+- ``graphs``: each decoder layer's forward and backward replayed as CUDA graphs for the
+  run's fixed shape (``graphs.py``; cuts the host's kernel-issue time);
+- ``embed``: a frozen, untied input embedding in pinned host memory (``embed.py``; applied
+  by ``offload_embedding`` once the model is on the GPU).
 
 Each is exact math (rounding aside), so each is on by default; ``--fast`` turns them off
 one by one (``--fast none``, ``--fast lora,loss``) for comparisons.
@@ -24,7 +28,10 @@ from torch import nn
 
 from tunesmith.utils import parse_parts
 
-FEATURES = ("lora", "group", "kernels", "loss")
+FEATURES = ("lora", "group", "kernels", "loss", "graphs", "embed")
+# What ``auto`` switches on with CUDA: the parts measured to win on the H200 (bench/RESULTS.md,
+# issue 17): every part.
+AUTO = FEATURES
 LIGER_INSTALL = "pip install 'tunesmith[liger]'"
 
 
@@ -40,16 +47,20 @@ class FastOptions:
     """Liger's Triton RMSNorm/RoPE/SwiGLU on CUDA (skipped when liger-kernel is missing)."""
     loss: bool = True
     """Chunked linear cross-entropy with the gradient formed in the forward."""
+    graphs: bool = True
+    """Decoder layers replayed as CUDA graphs at the run's fixed shape (CUDA only)."""
+    embed: bool = True
+    """A frozen, untied input embedding kept in pinned host memory (CUDA only)."""
 
     @classmethod
     def parse(cls, spec: str, cuda: bool = True) -> FastOptions:
-        """``auto``, ``all``, ``none`` / ``off``, or a comma list of ``lora,group,kernels,loss``.
+        """``auto``, ``all``, ``none`` / ``off``, or a comma list of ``FEATURES``.
 
-        ``auto`` is ``all`` on CUDA and ``none`` elsewhere: the parts were measured on an H200
+        ``auto`` is ``AUTO`` on CUDA and ``none`` elsewhere: the parts were measured on an H200
         only, and the CPU path keeps its own measured choices (shared LoRA dropout masks,
         the LM head on label positions only).
         """
-        parts = parse_parts("--fast", spec, FEATURES, FEATURES if cuda else ())
+        parts = parse_parts("--fast", spec, FEATURES, AUTO if cuda else ())
         return cls(**{p: p in parts for p in FEATURES})
 
 
@@ -74,6 +85,10 @@ def apply_fast_path(model: nn.Module, options: FastOptions) -> list[str]:
         done.append(_apply_kernels(model))
     if options.loss:
         done.append("chunked linear cross-entropy")
+    if options.graphs:
+        from tunesmith.model.fast.graphs import enable_layer_graphs
+
+        done.append(enable_layer_graphs(model))
     return [d for d in done if d]
 
 

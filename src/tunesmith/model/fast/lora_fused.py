@@ -36,6 +36,23 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+CACHE_COPIES = True
+"""Whether ``compute_copy`` caches; off while a CUDA graph is captured (``graphs.py``): the
+cast must be in the graph, or its replays would read the copy of the capture's step."""
+_STEPS = [0]
+"""Optimizer steps taken in this process (any optimizer): part of ``compute_copy``'s key."""
+
+
+def _count_step(*_: Any) -> None:
+    _STEPS[0] += 1
+
+
+# A fused optimizer (torch's fused AdamW, what `tunesmith sft` uses on CUDA) updates the
+# parameters in place *without* moving their version counters, so the version alone would
+# keep serving the first step's copy for the whole run; every optimizer step invalidates.
+register_optimizer_step_post_hook(_count_step)
 
 
 def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -115,9 +132,13 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 def compute_copy(p: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    """``p * scale`` in ``dtype``, cached on ``p`` until it changes (its version counter moves
-    with every in-place optimizer update; its storage changes when it is replaced)."""
-    key = (p.data_ptr(), p._version, dtype, scale)
+    """``p * scale`` in ``dtype``, cached on ``p`` until it may have changed: an optimizer
+    step (counted by a global hook: fused optimizers do not move version counters), another
+    in-place change (its version counter), or a replaced storage."""
+    if not CACHE_COPIES:
+        with torch.no_grad():
+            return p.to(dtype) if scale == 1.0 else (p * scale).to(dtype)
+    key = (p.data_ptr(), p._version, _STEPS[0], dtype, scale)
     cached = getattr(p, "_tunesmith_copy", None)
     if cached is not None and cached[0] == key:
         return cached[1]

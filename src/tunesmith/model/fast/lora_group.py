@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunesmith.model.fast import lora_fused
 from tunesmith.model.fast.lora_fused import _dense, _fused_forward, compute_copy
 
 # Sibling projections that read one input, by attribute name (Qwen2, Llama, Mistral, ...).
@@ -111,8 +112,11 @@ class LoraGroupFunction(torch.autograd.Function):
 def _cat_cached(parts: list[torch.Tensor]) -> torch.Tensor:
     """``torch.cat(parts)``, cached on the first part until any part changes (the parts are
     ``compute_copy`` results: new tensors after each optimizer step; or, in fp32, the
-    parameters themselves, whose version counters move with each update)."""
-    key = [(id(t), t.data_ptr(), t._version) for t in parts]
+    parameters themselves: keyed by the optimizer-step count too, since fused optimizers
+    leave version counters alone)."""
+    if not lora_fused.CACHE_COPIES:
+        return torch.cat(parts)
+    key = [(id(t), t.data_ptr(), t._version, lora_fused._STEPS[0]) for t in parts]
     cached = getattr(parts[0], "_tunesmith_cat", None)
     if cached is not None and cached[0] == key:
         return cached[1]
