@@ -54,7 +54,7 @@ $EXTRA
 EOF
 echo "LLaMA-Factory run in $WORK (log: $WORK/train.log)"
 t0=$(date +%s.%N)
-PYTHONPATH="$STUB" HF_HUB_OFFLINE=1 "$VENV/bin/llamafactory-cli" train "$WORK/train.yaml" \
+PYTHONPATH="$STUB${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 "$VENV/bin/llamafactory-cli" train "$WORK/train.yaml" \
   >"$WORK/train.log" 2>&1 || { tail -30 "$WORK/train.log"; exit 1; }
 t1=$(date +%s.%N)
 grep -E "train_runtime|train_steps_per_second|total_flos|train_loss" "$WORK/train.log" | tail -5
