@@ -3,7 +3,13 @@
 # 40 self-cognition records (bench/out/self_cognition_40.json, written by cpu_sft.py), the
 # demo model's HF directory, LoRA r8 a32 all-linear, batch 1, 3 epochs, lr 2e-4, cutoff 512,
 # the model's bf16 (LLaMA-Factory's recipe on this CPU in shared/peers/README.md), its own
-# defaults otherwise (LoRA dropout 0, cosine schedule, gradient checkpointing on).
+# defaults otherwise (LoRA dropout 0, cosine schedule) -- measured at its best on this CPU:
+# - bf16 is `bf16: true` + `use_cpu: true` (bf16 weights, fp32 LoRA, autocast). Without
+#   `bf16` it trains in fp32 (its dtype inference only sees GPU bf16); `pure_bf16` is refused
+#   on a CPU. FP32=1 runs the fp32 row instead.
+# - gradient checkpointing off (its default is on: ~30 % slower a step here, for memory this
+#   0.5B model does not need); tcmalloc preloaded when Debian's libtcmalloc-minimal4 is
+#   installed, as `tunesmith sft` does (~5 % a step). bench/RESULTS.md "CPU, session 5".
 #
 # Setup (its own venv; the CPU torch wheel of this machine, torchaudio replaced by an empty
 # module and torchvision removed, as the peers' README says):
@@ -11,7 +17,7 @@
 #   /tmp/lf-venv/bin/pip install /opt/wheels/torch-2.13.0+cpu-*.whl
 #   /tmp/lf-venv/bin/pip install -c <(echo torch==2.13.0) llamafactory==0.9.5
 #   /tmp/lf-venv/bin/pip uninstall -y torchvision torchaudio
-# Usage: bash bench/cpu_peer_lf.sh [LF_VENV] [EXTRA YAML LINES]   (prints the wall time)
+# Usage: [FP32=1] bash bench/cpu_peer_lf.sh [LF_VENV] [EXTRA YAML LINES]   (prints the wall)
 set -euo pipefail
 VENV=${1:-/tmp/lf-venv}
 EXTRA=${2:-}
@@ -27,6 +33,9 @@ cp "$DATA" "$WORK/data/self_cognition_40.json"
 cat >"$WORK/data/dataset_info.json" <<EOF
 {"self_cognition_40": {"file_name": "self_cognition_40.json"}}
 EOF
+DTYPE=$([ "${FP32:-0}" = 1 ] && echo "bf16: false" || echo "bf16: true")
+TC=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+[ -f "$TC" ] && export LD_PRELOAD="$TC${LD_PRELOAD:+:$LD_PRELOAD}"
 cat >"$WORK/train.yaml" <<EOF
 model_name_or_path: $MODEL
 stage: sft
@@ -47,8 +56,9 @@ learning_rate: 2.0e-4
 num_train_epochs: 3
 logging_steps: 5
 save_steps: 1000
-bf16: true
+$DTYPE
 use_cpu: true
+disable_gradient_checkpointing: true
 report_to: none
 $EXTRA
 EOF
