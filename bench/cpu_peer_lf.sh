@@ -5,8 +5,9 @@
 # the model's bf16 (LLaMA-Factory's recipe on this CPU in shared/peers/README.md), its own
 # defaults otherwise (LoRA dropout 0, cosine schedule) -- measured at its best on this CPU:
 # - bf16 is `bf16: true` + `use_cpu: true` (bf16 weights, fp32 LoRA, autocast). Without
-#   `bf16` it trains in fp32 (its dtype inference only sees GPU bf16); `pure_bf16` is refused
-#   on a CPU. FP32=1 runs the fp32 row instead.
+#   `bf16` it trains in the model's config dtype (bf16 weights, no autocast: not fp32);
+#   `pure_bf16` is refused on a CPU. FP32=1 runs the fp32 row: `bf16: false` on a copy of the
+#   model whose config says float32 (weights linked, cast at load), as the peers' README did.
 # - gradient checkpointing off (its default is on: ~30 % slower a step here, for memory this
 #   0.5B model does not need); tcmalloc preloaded when Debian's libtcmalloc-minimal4 is
 #   installed, as `tunesmith sft` does (~5 % a step). bench/RESULTS.md "CPU, session 5".
@@ -33,7 +34,19 @@ cp "$DATA" "$WORK/data/self_cognition_40.json"
 cat >"$WORK/data/dataset_info.json" <<EOF
 {"self_cognition_40": {"file_name": "self_cognition_40.json"}}
 EOF
-DTYPE=$([ "${FP32:-0}" = 1 ] && echo "bf16: false" || echo "bf16: true")
+DTYPE="bf16: true"
+if [ "${FP32:-0}" = 1 ]; then
+  DTYPE="bf16: false"
+  M32="$WORK/model-fp32"
+  mkdir -p "$M32" && ln -s "$MODEL"/* "$M32"/ && rm "$M32/config.json"
+  "$VENV/bin/python" - "$MODEL/config.json" "$M32/config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c.update({k: "float32" for k in ("torch_dtype", "dtype") if k in c} or {"dtype": "float32"})
+json.dump(c, open(sys.argv[2], "w"), indent=1)
+PY
+  MODEL="$M32"
+fi
 TC=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 [ -f "$TC" ] && export LD_PRELOAD="$TC${LD_PRELOAD:+:$LD_PRELOAD}"
 cat >"$WORK/train.yaml" <<EOF
