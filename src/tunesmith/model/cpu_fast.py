@@ -69,7 +69,7 @@ def apply_cpu_fast(model: nn.Module, options: CpuFast, attn_impl: str) -> list[s
         if routed:
             done.append(f"grouped LoRA on {routed} layers ({grouped} groups sharing an input)")
             if options.pack:
-                done.append("base weights prepacked for oneDNN")
+                done.append("base weights prepacked for oneDNN (where it has the dtype)")
     if options.compile:
         from tunesmith.model.lora import hf_model
 
