@@ -9,9 +9,11 @@ the SDPA kernel's backward at a few dozen tokens, the optimizer's per-parameter 
 - ``attn``: eager attention while training on the CPU when ``--attn_impl`` is ``sdpa``
   (at a few dozen tokens the CPU flash kernel's backward costs ~2 ms a layer);
 - ``adamw``: torch's fused AdamW on the CPU (one kernel for all parameters);
+- ``pack``: the frozen base weights prepacked once for oneDNN, used by ``lora``'s function
+  (``packed_linear.py``; no effect without ``lora``);
 - ``compile``: ``torch.compile`` of each decoder layer (off by default: see RESULTS).
 
-``auto`` (the default) is ``lora,attn,adamw`` when training on the CPU and nothing on a GPU.
+``auto`` (the default) is ``lora,attn,adamw,pack`` when training on the CPU and nothing on a GPU.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from torch import nn
 
 from tunesmith.utils import parse_parts
 
-PARTS = ("lora", "attn", "adamw", "compile")
-DEFAULT = ("lora", "attn", "adamw")
+PARTS = ("lora", "attn", "adamw", "pack", "compile")
+DEFAULT = ("lora", "attn", "adamw", "pack")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class CpuFast:
     """Eager attention instead of SDPA while training on the CPU."""
     adamw: bool = False
     """Fused AdamW on the CPU."""
+    pack: bool = False
+    """Base weights prepacked for oneDNN in the grouped LoRA function."""
     compile: bool = False
     """torch.compile of every decoder layer."""
 
@@ -61,9 +65,11 @@ def apply_cpu_fast(model: nn.Module, options: CpuFast, attn_impl: str) -> list[s
     if options.lora:
         from tunesmith.model.lora_cpu import group_lora_layers
 
-        routed, grouped = group_lora_layers(model)
+        routed, grouped = group_lora_layers(model, pack=options.pack)
         if routed:
             done.append(f"grouped LoRA on {routed} layers ({grouped} groups sharing an input)")
+            if options.pack:
+                done.append("base weights prepacked for oneDNN (where it has the dtype)")
     if options.compile:
         from tunesmith.model.lora import hf_model
 

@@ -37,17 +37,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunesmith.model import packed_linear
 from tunesmith.model.lora_dropout import SharedInputDropout, keep_mask, quantized_p
+from tunesmith.model.packed_linear import PackedWeight
 
 # Projections that read the same tensor in Qwen2/Llama-family blocks (speed only: see above).
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# GroupedLoraFunction's arguments before the members' tensors: x, keep, keep_scale, scaling, packs.
+_LEAD = 5
 
 
 class GroupedLoraFunction(torch.autograd.Function):
     """Outputs of the LoRA linear layers ``members`` that all read ``x``.
 
     ``tensors`` holds (W, b or None, A, B) per member; ``keep`` is the dropout's boolean mask
-    (None: no dropout) and ``keep_scale`` its 1 / (1 - p).
+    (None: no dropout) and ``keep_scale`` its 1 / (1 - p); ``packs``, when given, the members'
+    base weights prepacked for oneDNN in ``x``'s dtype (``packed_linear``), used instead of W.
     """
 
     @staticmethod
@@ -57,6 +62,7 @@ class GroupedLoraFunction(torch.autograd.Function):
         keep: torch.Tensor | None,
         keep_scale: float,
         scaling: float,
+        packs: tuple[PackedWeight, ...] | None,
         *tensors: torch.Tensor | None,
     ) -> tuple[torch.Tensor, ...]:
         """One output per member, each (..., out_i) in ``x``'s dtype."""
@@ -74,14 +80,18 @@ class GroupedLoraFunction(torch.autograd.Function):
         rank = a_cat.shape[0] // len(b_list)
         outs = []
         for i, (w, bias, b) in enumerate(zip(weights, biases, b_list, strict=True)):
-            w = w if w.dtype == dtype else w.to(dtype)  # type: ignore[union-attr]
-            y = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+            bias = None if bias is None else bias.to(dtype)
+            if packs is not None:
+                y = packed_linear.linear(x2, packs[i].fwd, bias)
+            else:
+                w = w if w.dtype == dtype else w.to(dtype)  # type: ignore[union-attr]
+                y = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
             y.addmm_(xa[:, i * rank : (i + 1) * rank], b.t(), alpha=scaling)
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
         ctx.save_for_backward(x, mask, xa, a_cat, *b_list)
         # Frozen base weights are held by reference: they need no saving (and a checkpointing
         # hook would hand back detached copies).
-        ctx.weights = weights
+        ctx.weights, ctx.packs = weights, packs
         ctx.grad_dtypes = [t.dtype for t in tensors[2::4]], [t.dtype for t in tensors[3::4]]  # type: ignore[union-attr]
         ctx.scaling, ctx.rank, ctx.keep_scale = scaling, rank, keep_scale
         return tuple(outs)
@@ -102,26 +112,30 @@ class GroupedLoraFunction(torch.autograd.Function):
             if mask is not None:
                 dx.mul_(mask)
             dx.mul_(s * ctx.keep_scale)
-            for dy, w in zip(dy2, ctx.weights, strict=True):
-                dx.addmm_(dy, w if w.dtype == dtype else w.to(dtype))
+            for i, (dy, w) in enumerate(zip(dy2, ctx.weights, strict=True)):
+                if ctx.packs is not None:
+                    dx.add_(packed_linear.linear(dy, ctx.packs[i].bwd, None))
+                else:
+                    dx.addmm_(dy, w if w.dtype == dtype else w.to(dtype))
             dx = dx.view(x.shape)
         grads: list[torch.Tensor | None] = [None] * (4 * m)
         xd = x2 if mask is None else (x2 * mask).mul_(ctx.keep_scale)
         da_cat = (dyb.t() @ xd).mul_(s)
         for i in range(m):
-            if ctx.needs_input_grad[4 + 4 * i + 2]:
+            if ctx.needs_input_grad[_LEAD + 4 * i + 2]:
                 grads[4 * i + 2] = da_cat[i * rank : (i + 1) * rank].to(a_dtypes[i])
-            if ctx.needs_input_grad[4 + 4 * i + 3]:
+            if ctx.needs_input_grad[_LEAD + 4 * i + 3]:
                 db = (dy2[i].t() @ xa[:, i * rank : (i + 1) * rank]).mul_(s)
                 grads[4 * i + 3] = db.to(b_dtypes[i])
-        return (dx, None, None, None, *grads)
+        return (dx, *[None] * (_LEAD - 1), *grads)
 
 
 class LoraGroup:
     """The LoRA layers of one parent module that read one input, and their cached outputs."""
 
-    def __init__(self, members: list[nn.Module]) -> None:
+    def __init__(self, members: list[nn.Module], pack: bool = False) -> None:
         self.members = members
+        self.pack = pack  # base weights prepacked for oneDNN where it can (packed_linear)
         self._src: Any = None  # weakref to the input the cached outputs were computed from
         self._version = -1
         self._outs: dict[int, torch.Tensor] = {}
@@ -134,7 +148,7 @@ class LoraGroup:
         members = self.members if any(layer is m for m in self.members) else [layer]
         if any(not _servable(m) for m in members):
             members = [layer]
-        outs = _group_forward(members, x)
+        outs = _group_forward(members, x, self.pack)
         self._src, self._version = weakref.ref(x), x._version
         self._outs = {id(m): o for m, o in zip(members, outs, strict=True) if m is not layer}
         return outs[members.index(layer)]
@@ -159,8 +173,10 @@ def _servable(layer: Any) -> bool:
     )
 
 
-def _group_forward(members: list[Any], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Run ``GroupedLoraFunction`` for ``members`` on ``x`` (one dropout mask for the group)."""
+def _group_forward(members: list[Any], x: torch.Tensor, pack: bool) -> tuple[torch.Tensor, ...]:
+    """Run ``GroupedLoraFunction`` for ``members`` on ``x`` (one dropout mask for the group);
+    with ``pack``, on base weights prepacked in ``x``'s dtype where oneDNN can and the weights
+    are frozen."""
     first = members[0]
     name = _adapter(first)
     drop = first.lora_dropout[name]
@@ -172,7 +188,13 @@ def _group_forward(members: list[Any], x: torch.Tensor) -> tuple[torch.Tensor, .
         n = _adapter(m)
         tensors += [m.base_layer.weight, m.base_layer.bias, m.lora_A[n].weight, m.lora_B[n].weight]
     keep_scale = 1.0 / (1.0 - p) if p > 0 else 1.0
-    return GroupedLoraFunction.apply(x, keep, keep_scale, float(first.scaling[name]), *tensors)
+    packs = None
+    if pack and x.device.type == "cpu" and packed_linear.available(x.dtype):
+        bases = [m.base_layer for m in members]
+        if not any(b.weight.requires_grad for b in bases):
+            packs = tuple(packed_linear.packed(b, x.dtype) for b in bases)
+    scaling = float(first.scaling[name])
+    return GroupedLoraFunction.apply(x, keep, keep_scale, scaling, packs, *tensors)
 
 
 def _forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -195,9 +217,10 @@ def fusable(module: nn.Module) -> bool:
     return type(base) is nn.Linear and not getattr(base, "fan_in_fan_out", False)
 
 
-def group_lora_layers(model: nn.Module) -> tuple[int, int]:
+def group_lora_layers(model: nn.Module, pack: bool = False) -> tuple[int, int]:
     """Route every fusable LoRA layer through ``GroupedLoraFunction``, grouping the ones named
     in ``GROUPS`` under one parent. Returns (layers routed, groups of more than one layer).
+    ``pack``: multiply with base weights prepacked for oneDNN (``packed_linear``).
 
     Dropout masks: one per group call, drawn like ``SharedInputDropout``'s (same generator,
     same 16-bit lanes), so a run draws the same masks as with the shared dropout alone.
@@ -217,7 +240,7 @@ def group_lora_layers(model: nn.Module) -> tuple[int, int]:
         taken = {id(m) for g in groups for m in g}
         groups += [[m] for m in layers.values() if id(m) not in taken]
         for members in groups:
-            group = LoraGroup(members)
+            group = LoraGroup(members, pack)
             parent.register_forward_hook(_clear_hook(group))
             for m in members:
                 m._tunesmith_group = group
