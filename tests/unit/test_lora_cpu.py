@@ -114,6 +114,20 @@ def test_a_member_called_with_another_input_computes_alone() -> None:
         torch.testing.assert_close(attn.v_proj(x), attn_ref.v_proj(x))  # still cached for x
 
 
+def test_a_trainable_base_weight_gets_peft_gradients() -> None:
+    """A base weight someone unfroze goes through peft's forward: the grouped function has
+    no gradient for it, and silently dropping it would train something else."""
+    ids = torch.randint(3, 200, (1, 12))
+    theirs = _peft(0.0)
+    theirs.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_()
+    ours = copy.deepcopy(theirs)
+    group_lora_layers(ours, pack=True)
+    _out_t, grads_t = _run(theirs, ids)
+    _out_o, grads_o = _run(ours, ids)
+    name = next(n for n in grads_t if "q_proj.base_layer.weight" in n)
+    torch.testing.assert_close(grads_o[name], grads_t[name], rtol=1e-4, atol=1e-7)
+
+
 def test_disabled_adapter_goes_through_peft() -> None:
     model = _peft(0.0)
     group_lora_layers(model)
@@ -151,3 +165,16 @@ def test_cpu_fast_parts() -> None:
     assert CpuFast.parse("lora, adamw") == CpuFast(lora=True, adamw=True)
     with pytest.raises(UserError, match="unknown part 'flash'"):
         CpuFast.parse("lora,flash")
+
+
+def test_prepacking_is_skipped_when_memory_is_short(monkeypatch) -> None:
+    from tunesmith.model import cpu_fast
+
+    options = cpu_fast.CpuFast(lora=True, pack=True)
+    monkeypatch.setattr(cpu_fast, "available_memory", lambda: 1000)
+    done = cpu_fast.apply_cpu_fast(_peft(0.0), options, "eager")
+    assert any(d.startswith("no prepacked weights") for d in done)
+    assert not any("prepacked for oneDNN" in d for d in done)
+    monkeypatch.setattr(cpu_fast, "available_memory", lambda: 2**40)
+    done = cpu_fast.apply_cpu_fast(_peft(0.0), options, "eager")
+    assert any("prepacked for oneDNN" in d for d in done)

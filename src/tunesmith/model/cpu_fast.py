@@ -65,10 +65,11 @@ def apply_cpu_fast(model: nn.Module, options: CpuFast, attn_impl: str) -> list[s
     if options.lora:
         from tunesmith.model.lora_cpu import group_lora_layers
 
-        routed, grouped = group_lora_layers(model, pack=options.pack)
+        pack = options.pack and _packing_fits(model, done)
+        routed, grouped = group_lora_layers(model, pack=pack)
         if routed:
             done.append(f"grouped LoRA on {routed} layers ({grouped} groups sharing an input)")
-            if options.pack:
+            if pack:
                 done.append("base weights prepacked for oneDNN (where it has the dtype)")
     if options.compile:
         from tunesmith.model.lora import hf_model
@@ -80,3 +81,31 @@ def apply_cpu_fast(model: nn.Module, options: CpuFast, attn_impl: str) -> list[s
     if options.adamw:
         done.append("fused AdamW")
     return done
+
+
+def _packing_fits(model: nn.Module, done: list[str]) -> bool:
+    """Whether the two packed copies of the frozen linear weights (``pack``) fit in half of
+    the memory still available; a 7B model in bf16 would need 28 GB more, and a run that
+    trained before must not be pushed out of memory by a speed-up. Notes a refusal in
+    ``done``."""
+    need = 2 * sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                   if isinstance(m, nn.Linear) and not m.weight.requires_grad)  # fmt: skip
+    free = available_memory()
+    if free is None or need <= free // 2:
+        return True
+    done.append(f"no prepacked weights: they need {need / 2**30:.1f} GiB, "
+                f"{free / 2**30:.1f} GiB is available")  # fmt: skip
+    return False
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``); None when the
+    system does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -163,13 +163,15 @@ def _adapter(layer: Any) -> str:
 
 
 def _servable(layer: Any) -> bool:
-    """Whether this call of ``layer`` is plain LoRA (one active adapter, not merged)."""
+    """Whether this call of ``layer`` is plain LoRA (one active adapter, not merged, the base
+    weight frozen: the function returns no gradient for it)."""
     active = layer.active_adapters
     return (
         not layer.disable_adapters
         and not layer.merged
         and len(active) == 1
         and active[0] in layer.lora_A
+        and not layer.base_layer.weight.requires_grad
     )
 
 

@@ -222,6 +222,8 @@ def fusable(module: nn.Module) -> bool:
     if type(dropout) not in (nn.Identity, nn.Dropout):
         return False
     base = module.base_layer
+    if base.weight.requires_grad:  # the function returns no gradient for the base weight
+        return False
     # bnb.nn.Linear4bit subclasses nn.Linear; Conv1D-style (fan_in_fan_out) layers are not served.
     return isinstance(base, nn.Linear) and not getattr(base, "fan_in_fan_out", False)
 
