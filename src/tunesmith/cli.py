@@ -165,9 +165,10 @@ def cmd_data(argv: list[str]) -> int:
         "Check a dataset and see exactly what the model will learn from it.",
         argv,
     )
+    from tunesmith.eval.base_answers import expand_base_answers
     from tunesmith.train.data_check import data_command
 
-    print(data_command(args))
+    print(data_command(expand_base_answers(args)))
     return 0
 
 

@@ -110,3 +110,14 @@ def test_base_answers_generated_once_and_cached(tiny_model_dir, monkeypatch) -> 
     # Without the name, nothing is generated.
     plain = sft_args(tiny_model_dir, "self-cognition")
     assert base_answers.expand_base_answers(plain) is plain and len(calls) == 2
+
+
+def test_data_command_reads_base_answers(tiny_model_dir, monkeypatch, capsys) -> None:
+    """`tunesmith data --dataset base-answers` shows what `sft` would train on."""
+    from tunesmith.cli import main
+
+    monkeypatch.setattr(base_answers, "generate", lambda _a, _b, convs: ["Yes."] * len(convs))
+    code = main(["data", "--model", str(tiny_model_dir), "--dataset", "base-answers#5",
+                 "--system", "Be terse.", "--preview", "0"])  # fmt: skip
+    assert code == 0
+    assert "5 records" in capsys.readouterr().out

@@ -20,7 +20,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from tunesmith.config import InferCommandArgs, SftArgs, from_dict, to_dict
+from tunesmith.config import DataCommandArgs, InferCommandArgs, SftArgs, from_dict, to_dict
 from tunesmith.data.sources import split_spec
 from tunesmith.utils import cache_dir, logger, write_jsonl
 
@@ -66,7 +66,7 @@ def generate(args: InferCommandArgs, backend: str, convs: list[list[dict[str, st
     return answer_all(engine, convs, gen, batch_size=8)
 
 
-def base_answers_file(args: SftArgs) -> Path:
+def base_answers_file(args: SftArgs | DataCommandArgs) -> Path:
     """The cached file of the base model's answers for ``args`` (generated when missing)."""
     from tunesmith.infer.llamacpp_backend import choose_backend
     from tunesmith.model.load import resolve_model
@@ -91,7 +91,7 @@ def base_answers_file(args: SftArgs) -> Path:
     return path
 
 
-def expand_base_answers(args: SftArgs) -> SftArgs:
+def expand_base_answers(args: SftArgs | DataCommandArgs) -> SftArgs | DataCommandArgs:
     """``args`` with every ``base-answers[#N]`` in ``--dataset`` replaced by the cached file of
     the base model's answers (``#N`` kept); unchanged when there is none."""
     specs = [(s, *split_spec(s)) for s in args.dataset]
