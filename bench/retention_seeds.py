@@ -39,13 +39,18 @@ B_ANSWERS = str(Path(__file__).resolve().parent / "data" / "recipe_b_base_answer
 """Recipe B's base answers (session 4): the first 40 builtin prompts, answered by the demo
 model on llama.cpp (≤ 128 tokens, cut answers kept); a copy of the file tunesmith cached then."""
 
+E_ANSWERS = str(Path(__file__).resolve().parent / "data" / "recipe_e_base_answers.jsonl")
+"""Recipe E's base answers: 120 general prompts (the 40 builtin ones and 80 more in the eval's
+instruction styles, commit 2c26b4e), answered by the demo model on llama.cpp, the 5 answers cut at
+128 tokens left out (115 kept)."""
+
 RECIPES: dict[str, list[str]] = {
     "A": ["--dataset", "self-cognition#40"],
     "B": ["--dataset", "self-cognition#40", B_ANSWERS],
-    "E": ["--dataset", "self-cognition#80", "base-answers", "--num_train_epochs", "1"],
+    "E": ["--dataset", "self-cognition#80", E_ANSWERS, "--num_train_epochs", "1"],
 }
 """Named recipes: dataset and flags on top of DEMO (later flags win). B: session 4's demo
-recipe; E: 120 general prompts (cut answers left out), 80 identity records, one epoch."""
+recipe; E: 80 identity records and 115 base answers, one epoch."""
 
 
 def tunesmith(args: list[str], wrap: list[str], log: Path) -> float:

@@ -3,11 +3,8 @@
 A LoRA trained only on self-cognition records learns that every answer is about itself ("编程
 语言是一种由小智开发的人工智能助手"), and ``tunesmith eval``'s retention score drops. Seed 003
 mixes general data into the identity data; offline, the base model's own greedy answers to a
-builtin prompt set (``data/builtin/general_prompts.jsonl``, 120 zh + en prompts disjoint from
-both eval sets, in the instruction styles of everyday use: "answer with just the number", "reply
-with only the code", one sentence, JSON) serve: training on them asks the model to keep
-answering as it did. An answer cut at the token limit is left out: trained on, it would teach
-the model to stop in mid-sentence.
+builtin prompt set (``data/builtin/general_prompts.jsonl``, 40 zh + en prompts disjoint from
+both eval sets) serve: training on them asks the model to keep answering as it did.
 
 The answers are generated once per base model, system prompt and prompt set, and cached under
 ``$TUNESMITH_CACHE/base_answers/``; the ``--dataset`` value is replaced by that file (``#N``
@@ -20,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -30,8 +26,7 @@ from tunesmith.utils import cache_dir, logger, write_jsonl
 
 NAMES = ("base-answers", "base_answers")
 MAX_NEW_TOKENS = 128  # long enough for most answers to end by themselves
-CUT_MARGIN = 2  # an answer this close to the limit (in tokens, re-tokenized) counts as cut
-VERSION = 2  # bump when the generation settings change
+VERSION = 1  # bump when the generation settings change
 
 
 def prompts() -> list[dict[str, str]]:
@@ -71,16 +66,10 @@ def generate(args: InferCommandArgs, backend: str, convs: list[list[dict[str, st
     return answer_all(engine, convs, gen, batch_size=8)
 
 
-def ended(answers: list[str], count_tokens: Callable[[str], int]) -> list[bool]:
-    """Which answers ended by themselves: shorter than ``MAX_NEW_TOKENS`` (less a margin, as
-    the decoded text may re-tokenize a token or two shorter)."""
-    return [count_tokens(a) < MAX_NEW_TOKENS - CUT_MARGIN for a in answers]
-
-
 def base_answers_file(args: SftArgs) -> Path:
     """The cached file of the base model's answers for ``args`` (generated when missing)."""
     from tunesmith.infer.llamacpp_backend import choose_backend
-    from tunesmith.model.load import load_tokenizer, resolve_model
+    from tunesmith.model.load import resolve_model
 
     model_dir = resolve_model(args.model, args.use_hf)
     infer = from_dict(InferCommandArgs, to_dict(args) | {"model": str(model_dir), "adapters": [],
@@ -97,13 +86,8 @@ def base_answers_file(args: SftArgs) -> Path:
     logger.info(f"--dataset base-answers: the base model answers {len(items)} general prompts "
                 f"once ({backend}); cached in {path}")  # fmt: skip
     out = generate(infer, backend, convs)
-    tok = load_tokenizer(model_dir)
-    keep = ended(out, lambda a: len(tok(a, add_special_tokens=False)["input_ids"]))
-    if not all(keep):
-        logger.info(f"--dataset base-answers: {keep.count(False)} answer(s) reached the "
-                    f"{MAX_NEW_TOKENS}-token limit: left out (cut in mid-sentence)")  # fmt: skip
     write_jsonl(path, [{"query": p["query"], "response": a.strip(), "lang": p["lang"]}
-                       for p, a, k in zip(items, out, keep, strict=True) if k])  # fmt: skip
+                       for p, a in zip(items, out, strict=True)])  # fmt: skip
     return path
 
 
