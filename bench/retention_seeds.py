@@ -139,13 +139,16 @@ def on_set(r: dict) -> dict[str, float]:
     out["up"] = sum(r["items"][i] > r["base_items"][i] for i in exact)
     out["down"] = sum(r["items"][i] < r["base_items"][i] for i in exact)
     out["n"] = len(items)
+    diffs = [r["items"][it["id"]] - r["base_items"][it["id"]] for it in items]
+    d = _mean(diffs)
+    out["se"] = (sum((x - d) ** 2 for x in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
     return out
 
 
 def table(out: Path) -> str:
     """A markdown table of every run in ``out/runs.jsonl``, one line per run."""
     rows = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines() if x]
-    head = ("| recipe | seed | steps | identity zh / en | retention (base → tuned, Δ) "
+    head = ("| recipe | seed | steps | identity zh / en | retention (base → tuned, Δ ± SE) "
             "| zh / en Δ | first 64 items Δ | exact acc | BLEU-4 / ROUGE-L | changed "
             "| exact items +/− |")  # fmt: skip
     lines = [head, "|" + "---|" * 11]
@@ -153,7 +156,7 @@ def table(out: Path) -> str:
         t, s = r["tuned"], on_set(r)
         lines.append(
             f"| {r['recipe']} | {r['seed']} | {r['steps']} | {t['id_zh']:.1f} / {t['id_en']:.1f} "
-            f"| {s['b']:.1f} → {s['t']:.1f}, **{s['t'] - s['b']:+.1f}** "
+            f"| {s['b']:.1f} → {s['t']:.1f}, **{s['t'] - s['b']:+.1f}** ± {s['se']:.1f} "
             f"| {s['t_zh'] - s['b_zh']:+.1f} / {s['t_en'] - s['b_en']:+.1f} "
             f"| {s['b_64']:.1f} → {s['t_64']:.1f}, {s['t_64'] - s['b_64']:+.1f} "
             f"| {s['b_exact']:.1f} → {s['t_exact']:.1f} | {t['bleu']:.1f} / {t['rouge']:.1f} "
