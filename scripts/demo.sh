@@ -29,6 +29,6 @@ echo "== 3. After tuning: tunesmith infer --adapters $CKPT =="
 echo "   (the last two questions were never seen in training; the last one checks general knowledge)"
 printf '%s\n' "$QUESTIONS" | tunesmith infer --adapters "$CKPT" --temperature 0 --max_new_tokens 60
 echo "== 4. Before/after in numbers: tunesmith eval --adapters $(dirname "$CKPT") =="
-echo "   (88 identity probes never seen in training and 64 general questions, base vs tuned)"
+echo "   (88 identity probes never seen in training and 96 general questions, base vs tuned)"
 tunesmith eval --adapters "$(dirname "$CKPT")"
 echo "== Done. Chat with it yourself:  .venv/bin/tunesmith infer --adapters $CKPT =="

@@ -24,7 +24,7 @@ from tunesmith.eval.retention import (
     score_number,
     score_text,
 )
-from tunesmith.eval.score import moved, pick_letter
+from tunesmith.eval.score import moved, paired_change, pick_letter
 from tunesmith.utils import UserError
 
 BASE = ["Qwen", "通义千问", "通义", "千问", "阿里云", "阿里", "Alibaba"]
@@ -116,6 +116,21 @@ def test_moved() -> None:
     assert same == {"changed_pct": 0.0, "rouge-l_to_base": 100.0}
     half = moved(["the cat sat", "x y"], ["the cat sat", "z w"])
     assert half["changed_pct"] == 50 and half["rouge-l_to_base"] == pytest.approx(50)
+
+
+def test_paired_change() -> None:
+    def sc(score: float, passed: bool | None) -> dict:
+        return {"score": score, "passed": passed}
+
+    base = [sc(100, True), sc(0, False), sc(100, True), sc(40, None)]
+    tuned = [sc(0, False), sc(100, True), sc(100, True), sc(60, None)]
+    c = paired_change(base, tuned)
+    assert c["delta"] == pytest.approx(5.0)  # (-100 + 100 + 0 + 20) / 4
+    diffs = [-100, 100, 0, 20]
+    se = (sum((d - 5) ** 2 for d in diffs) / 3 / 4) ** 0.5
+    assert c["delta_se"] == pytest.approx(se)
+    assert (c["exact_gained"], c["exact_lost"]) == (1, 1)
+    assert paired_change(base, base)["delta_se"] == 0
 
 
 # --- builtin sets ----------------------------------------------------------------------------

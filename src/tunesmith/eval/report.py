@@ -73,6 +73,12 @@ def markdown(meta: dict[str, Any], labels: list[str], items: list[Item],
                   f"Retention answers that changed: {drift['changed_pct']:.1f}%; "
                   f"ROUGE-L of the tuned answers against the base answers: "
                   f"{drift['rouge-l_to_base']:.1f} (100 = unchanged).", ""]  # fmt: skip
+        if "delta" in drift:
+            lines += [f"Retention change {drift['delta']:+.1f} ± {drift['delta_se']:.1f} "
+                      f"(standard error over the items: a change under about twice that is "
+                      f"within the noise of the item sample); exactly scored items gained "
+                      f"{drift['exact_gained']:.0f}, lost {drift['exact_lost']:.0f}.",
+                      ""]  # fmt: skip
     if speed:
         lines += [
             "## Speed (batch 1, greedy)",

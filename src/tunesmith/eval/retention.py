@@ -1,7 +1,8 @@
 """Retention: the builtin general set, to see what a fine-tune made the model forget.
 
-``data/builtin/retention.jsonl`` holds 64 questions written for this project (32 Chinese, 32
-English), disjoint from every training set tunesmith ships. Each line is one item:
+``data/builtin/retention.jsonl`` holds 96 questions written for this project (48 Chinese, 48
+English; 76 scored exactly, 20 open), disjoint from every training set tunesmith ships. Each
+line is one item:
 
 - ``number``: arithmetic or unit conversion, ``answer`` a number; the answer passes when its
   first or last number equals it ("17 * 23 = 391" and "391" both pass).

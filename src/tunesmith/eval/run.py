@@ -28,7 +28,14 @@ from tunesmith.eval.cache import AnswerCache, adapter_fingerprint, base_fingerpr
 from tunesmith.eval.items import Item, load_items
 from tunesmith.eval.metrics import check_installed
 from tunesmith.eval.report import summary_table, write_report
-from tunesmith.eval.score import METRICS, Row, dataset_rows, moved, score_answer
+from tunesmith.eval.score import (
+    METRICS,
+    Row,
+    dataset_rows,
+    moved,
+    paired_change,
+    score_answer,
+)
 from tunesmith.infer.batch import with_system
 from tunesmith.infer.engine import (
     Engine,
@@ -313,6 +320,9 @@ def summarize(
         b, t = answers[p.models[0].label], answers[p.models[1].label]
         ret = [i for i, it in enumerate(p.items) if it.dataset == "retention"]
         drift = moved([b[i] for i in ret], [t[i] for i in ret]) if ret else moved(b, t)
+        if ret:
+            sb, st = scores[p.models[0].label], scores[p.models[1].label]
+            drift |= paired_change([sb[i] for i in ret], [st[i] for i in ret])
     return scores, rows, drift
 
 

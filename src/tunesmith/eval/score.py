@@ -127,3 +127,18 @@ def moved(base_answers: list[str], tuned_answers: list[str]) -> dict[str, float]
     sim = [rouge(t, b)["rougeL"] if t != b else 100.0
            for b, t in zip(base_answers, tuned_answers, strict=True)]  # fmt: skip
     return {"changed_pct": 100 * _mean([float(c) for c in changed]), "rouge-l_to_base": _mean(sim)}
+
+
+def paired_change(base: list[dict[str, Any]], tuned: list[dict[str, Any]]) -> dict[str, float]:
+    """The score change from base to tuned over the same items, with its standard error (the
+    items' paired differences; a change under about two of them is within what another draw of
+    items could give), and the exactly scored items gained and lost."""
+    diffs = [t["score"] - b["score"] for b, t in zip(base, tuned, strict=True)]
+    n = len(diffs)
+    delta = _mean(diffs)
+    var = sum((d - delta) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    exact = [(b["passed"], t["passed"]) for b, t in zip(base, tuned, strict=True)
+             if b["passed"] is not None]  # fmt: skip
+    return {"delta": delta, "delta_se": (var / n) ** 0.5 if n else 0.0,
+            "exact_gained": float(sum(t and not b for b, t in exact)),
+            "exact_lost": float(sum(b and not t for b, t in exact))}  # fmt: skip
