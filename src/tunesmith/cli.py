@@ -1,6 +1,6 @@
 """The ``tunesmith`` command: argument parsing and one plain function per subcommand.
 
-Flags come from the dataclasses in ``config.py``; ``--config run.yaml`` supplies any of them
+Flags come from the dataclasses in ``tunesmith.config``; ``--config run.yaml`` supplies any of them
 and the command line overrides it. A user mistake (bad flag, bad file, missing model) is
 printed as one sentence and exits with status 2; no traceback.
 """

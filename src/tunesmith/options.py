@@ -1,6 +1,6 @@
 """Typed options for the layers below ``cli``: small groups built once from a command's flags.
 
-The flag dataclasses of ``config.py`` are what the command line parses into; the layers
+The flag dataclasses of ``tunesmith.config`` are what the command line parses into; the layers
 below take only the group they use (data, template, model, LoRA, quantization, optimizer),
 so a reader sees at a function's signature which settings reach it. Each ``*_options``
 function here builds one group from the parsed flags; nothing converts through dicts.

@@ -1,5 +1,5 @@
 """The top-level API: ``tunesmith.infer/data/export/eval`` callable whatever was imported
-first (and still the subpackages), typed keyword signatures from ``config.py``, the generated
+first (and still the subpackages), typed keyword signatures from ``tunesmith.config``, the generated
 ``TypedDict`` file up to date, one error type, ``progress=False``, no logging set-up, and the
 new ``eval`` / ``deploy`` on the tiny model (no training here)."""
 
@@ -140,7 +140,7 @@ def test_types_and_help_show_the_flags() -> None:
 def test_generated_flag_types_are_up_to_date() -> None:
     script = runpy.run_path(str(ROOT / "scripts" / "gen_api_types.py"))
     current = (ROOT / "src" / "tunesmith" / "api" / "typed.py").read_text(encoding="utf-8")
-    assert current == script["render"](), "config.py changed: run python scripts/gen_api_types.py"
+    assert current == script["render"](), "tunesmith.config changed: run python scripts/gen_api_types.py"
     for td, cls in [(typed.SftFlags, SftArgs), (typed.InferFlags, InferCommandArgs),
                     (typed.DataFlags, DataCommandArgs), (typed.ExportFlags, ExportArgs),
                     (typed.EvalFlags, EvalArgs), (typed.DeployFlags, DeployArgs)]:  # fmt: skip

@@ -6,7 +6,7 @@ defaults, same checks, same one-sentence ``UserError`` messages) and runs the sa
 CLI runs; ``cli.py`` is a thin layer over the same steps. The flags show up typed: at run time
 through each function's ``__signature__`` (``help``, ``inspect.signature``, Jupyter), for
 static tools through ``**flags: Unpack[SftFlags]`` (``api/typed.py``, generated from
-``config.py``). Nothing here exits the process or sets up logging: call
+``tunesmith.config``). Nothing here exits the process or sets up logging: call
 ``tunesmith.utils.setup_logging()`` to see the log lines. ``progress=False`` hides every
 progress bar of the call (tunesmith's, and transformers' weight loading).
 

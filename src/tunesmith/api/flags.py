@@ -1,5 +1,5 @@
 """The flag plumbing the CLI and the Python API share: a command's flags, given as YAML values
-or keyword arguments, converted and checked against its dataclass in ``config.py``; and the
+or keyword arguments, converted and checked against its dataclass in ``tunesmith.config``; and the
 typed keyword signature every API function shows (``help``, ``inspect.signature``, Jupyter).
 """
 
