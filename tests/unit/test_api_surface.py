@@ -140,7 +140,7 @@ def test_types_and_help_show_the_flags() -> None:
 def test_generated_flag_types_are_up_to_date() -> None:
     script = runpy.run_path(str(ROOT / "scripts" / "gen_api_types.py"))
     current = (ROOT / "src" / "tunesmith" / "api" / "typed.py").read_text(encoding="utf-8")
-    assert current == script["render"](), "tunesmith.config changed: run python scripts/gen_api_types.py"
+    assert current == script["render"](), "config changed: run scripts/gen_api_types.py"
     for td, cls in [(typed.SftFlags, SftArgs), (typed.InferFlags, InferCommandArgs),
                     (typed.DataFlags, DataCommandArgs), (typed.ExportFlags, ExportArgs),
                     (typed.EvalFlags, EvalArgs), (typed.DeployFlags, DeployArgs)]:  # fmt: skip
