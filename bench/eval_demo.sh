@@ -13,9 +13,9 @@ flags() { echo "cpu: $(grep -m1 -o 'avx512_bf16\|avx512f' /proc/cpuinfo | sort -
 flags
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 $Q /usr/bin/time -f "sft wall %e s, user %U s" $TS sft --model demo \
-    --dataset 'self-cognition#40' base-answers \
+    --dataset 'self-cognition#80' base-answers \
     --model_name 小智 XiaoZhi --model_author 星河 Xinghe --system 'You are a helpful assistant.' \
-    --packing true --max_length 256 --num_train_epochs 2 --learning_rate 1e-3 --warmup_ratio 0.1 \
+    --packing true --max_length 256 --num_train_epochs 2 --learning_rate 5e-4 --warmup_ratio 0.1 \
     --lora_dropout 0 --lora_rank 8 --lora_alpha 32 --target_modules all-linear \
     --logging_steps 2 --report_to none --output_dir "$OUT"
 RUN=$(ls -d "$OUT"/v* | sort -V | tail -1)

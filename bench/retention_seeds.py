@@ -48,9 +48,11 @@ RECIPES: dict[str, list[str]] = {
     "A": ["--dataset", "self-cognition#40"],
     "B": ["--dataset", "self-cognition#40", B_ANSWERS],
     "E": ["--dataset", "self-cognition#80", E_ANSWERS, "--num_train_epochs", "1"],
+    "K": ["--dataset", "self-cognition#80", B_ANSWERS, "--learning_rate", "5e-4"],
 }
 """Named recipes: dataset and flags on top of DEMO (later flags win). B: session 4's demo
-recipe; E: 80 identity records and 115 base answers, one epoch."""
+recipe; E: 80 identity records and 115 base answers, one epoch; K: the demo's recipe since
+session 5 (80 identity records, B's base answers, lr 5e-4)."""
 
 
 def tunesmith(args: list[str], wrap: list[str], log: Path) -> float:

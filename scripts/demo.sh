@@ -13,13 +13,13 @@ Which organization built you?
 echo "== 1. The demo model before tuning (greedy answers) =="
 printf '%s\n' "$QUESTIONS" | tunesmith infer --model demo --temperature 0 --max_new_tokens 60
 
-echo "== 2. LoRA fine-tuning on 40 self-cognition records: the model becomes 小智 (XiaoZhi) by 星河 (Xinghe) =="
+echo "== 2. LoRA fine-tuning on 80 self-cognition records: the model becomes 小智 (XiaoZhi) by 星河 (Xinghe) =="
 echo "   (mixed with the base model's own answers to 40 general prompts, generated once and cached,"
 echo "    so that it keeps answering other questions as before)"
-tunesmith sft --model demo --dataset 'self-cognition#40' base-answers \
+tunesmith sft --model demo --dataset 'self-cognition#80' base-answers \
     --model_name 小智 XiaoZhi --model_author 星河 Xinghe \
     --system 'You are a helpful assistant.' \
-    --packing true --max_length 256 --num_train_epochs 2 --learning_rate 1e-3 --warmup_ratio 0.1 \
+    --packing true --max_length 256 --num_train_epochs 2 --learning_rate 5e-4 --warmup_ratio 0.1 \
     --lora_dropout 0 \
     --lora_rank 8 --lora_alpha 32 --target_modules all-linear \
     --logging_steps 2 --output_dir "$OUT"
