@@ -7,13 +7,12 @@ import copy
 
 import pytest
 import torch
+from test_lora_cpu import _peft as lora_model
+from test_lora_cpu import _run
 
-from tiny import build_tiny_model, build_tiny_tokenizer
 from tunesmith.model import packed_linear
-from tunesmith.model.lora import lora_config
 from tunesmith.model.lora_cpu import group_lora_layers
 from tunesmith.model.lora_dropout import share_lora_dropout
-from tunesmith.options import LoraOptions
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -24,24 +23,9 @@ def _skip_unless_available(dtype: torch.dtype) -> None:
 
 
 def _peft(dtype: torch.dtype, dropout: float):
-    from peft import get_peft_model
-
-    torch.manual_seed(0)
-    base = build_tiny_model(build_tiny_tokenizer(), seed=0).to(dtype)
-    model = get_peft_model(base, lora_config(LoraOptions(rank=4, alpha=8, dropout=dropout)))
-    for n, p in model.named_parameters():  # non-zero B, so the adapters change the output
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.02)
+    model = lora_model(dropout, dtype)
     share_lora_dropout(model)
     return model.train()
-
-
-def _run(model, ids: torch.Tensor, seed: int = 3) -> tuple[torch.Tensor, dict]:
-    torch.manual_seed(seed)
-    out = model(input_ids=ids).logits
-    out.float().square().mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return out.detach(), grads
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
