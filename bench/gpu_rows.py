@@ -26,6 +26,8 @@ TUNESMITH_FLAGS = {
     "lora_mixed": ["--packing", "true"],
     "qlora": ["--quantization_bit", "4", "--bnb_4bit_quant_type", "nf4"],
 }
+DROPOUT_RUNS = ("lora_drop", "peft_drop")  # --lora_dropout 0.05, ms-swift's default
+DROPOUT = 0.05
 
 
 def median_after_warmup(times: list[float]) -> float:
@@ -55,6 +57,8 @@ def run_tunesmith(run: str, model_dir: str, data: str, seq: int, steps: int, wor
     argv += TUNESMITH_FLAGS.get(run, [])
     if run == "lora_mixed":  # packed rows of up to 4096 real tokens, no padding
         argv[argv.index("--max_length") + 1] = "4096"
+    if run in DROPOUT_RUNS:
+        argv[argv.index("--lora_dropout") + 1] = str(DROPOUT)
     run_dir = sft(parse_args(SftArgs, "tunesmith sft", "bench", argv))
     log = [json.loads(x) for x in (run_dir / "logging.jsonl").read_text().splitlines()]
     log = [r for r in log if "loss" in r]
@@ -80,10 +84,10 @@ def run_peer(run: str, model_dir: str, seq: int, steps: int, device: str) -> dic
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     ckpt = {"use_reentrant": False}
-    if run in ("peft", "peft_nockpt"):
+    if run in ("peft", "peft_nockpt", "peft_drop"):
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-        if run == "peft":
+        if run != "peft_nockpt":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
             model.enable_input_require_grads()
     else:
@@ -97,7 +101,8 @@ def run_peer(run: str, model_dir: str, seq: int, steps: int, device: str) -> dic
         )  # fmt: skip
         model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs=ckpt)
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(**LORA, task_type="CAUSAL_LM"))
+    lora = dict(LORA, lora_dropout=DROPOUT) if run in DROPOUT_RUNS else LORA
+    model = get_peft_model(model, LoraConfig(**lora, task_type="CAUSAL_LM"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     cuda = device == "cuda"
     if cuda:
@@ -116,7 +121,7 @@ def run_peer(run: str, model_dir: str, seq: int, steps: int, device: str) -> dic
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return {
-        "impl": "transformers+peft",
+        "impl": "transformers+peft" + (f" dropout {DROPOUT}" if run in DROPOUT_RUNS else ""),
         "step_s": median_after_warmup(times),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30 if cuda else -1, 2),
         "loss": round(loss.item(), 4),

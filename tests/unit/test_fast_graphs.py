@@ -14,7 +14,7 @@ from tunesmith.model.lora import CausalLMLoss, lora_config
 from tunesmith.options import LoraOptions
 
 
-def _model(ckpt: bool, layers: int = 3):
+def _model(ckpt: bool, layers: int = 3, dropout: float = 0.0):
     from peft import get_peft_model
 
     cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128,
@@ -25,7 +25,7 @@ def _model(ckpt: bool, layers: int = 3):
     model = Qwen2ForCausalLM(cfg)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, lora_config(LoraOptions(rank=4, alpha=16, dropout=0.0)))
+    model = get_peft_model(model, lora_config(LoraOptions(rank=4, alpha=16, dropout=dropout)))
     for name, p in model.named_parameters():  # B starts at zero: make the adapter matter
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -90,7 +90,27 @@ def test_other_shapes_and_eval_run_eagerly(monkeypatch) -> None:
         assert CausalLMLoss(model, fused_ce=True)(input_ids=ids, labels=ids)[0].isfinite()
 
 
-def test_lora_dropout_keeps_the_layers_eager(monkeypatch) -> None:
+@pytest.mark.parametrize("ckpt", [True, False])
+def test_graphs_replay_lora_dropout_with_the_eager_masks(ckpt: bool, monkeypatch) -> None:
+    """LoRA dropout on (the fused layers' hashed masks): the layers are graphed, and every
+    step's loss and gradients equal the eager fast path's with the same step seeds; the masks
+    change between steps (the graphs read the seed, they do not replay a captured draw)."""
+    monkeypatch.setattr(graphs, "EMULATE", True)
+    runs = []
+    for graphs_on in (False, True):
+        torch.manual_seed(0)
+        model = _apply(_model(ckpt, dropout=0.2), graphs_on=graphs_on)
+        torch.manual_seed(1)  # the step seeds come from torch's generator
+        runs.append(_steps(model, 5, [16]))
+    gs = model.get_base_model().model.layers[0]._ts_graphs
+    assert not gs.disabled and sorted(gs.layers) == [0, 1, 2]
+    for (loss, grads), (want_loss, want) in zip(runs[1], runs[0], strict=True):
+        assert abs(loss - want_loss) < 1e-5 * abs(want_loss)
+        for k, w in want.items():
+            assert torch.allclose(grads[k], w, rtol=1e-4, atol=1e-6), k
+
+
+def test_dropout_outside_the_fused_layers_keeps_the_layers_eager(monkeypatch) -> None:
     monkeypatch.setattr(graphs, "EMULATE", True)
     from peft import get_peft_model
 
@@ -98,10 +118,10 @@ def test_lora_dropout_keeps_the_layers_eager(monkeypatch) -> None:
                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     model = get_peft_model(Qwen2ForCausalLM(cfg), lora_config(LoraOptions(dropout=0.1)))
     model.train()
-    _apply(model, graphs_on=True)
+    apply_fast_path(model, FastOptions(lora=False, group=False, kernels=False, graphs=True))
     _steps(model, 4, [12])
     gs = model.get_base_model().model.layers[0]._ts_graphs
-    assert gs.disabled == "LoRA dropout" and not gs.layers
+    assert gs.disabled == "LoRA dropout outside the fused LoRA layers" and not gs.layers
 
 
 def _apply(model, graphs_on: bool):

@@ -206,8 +206,9 @@ def build_model(
             set_peft_model_state_dict(model, load_file(resume / "adapter_model.safetensors"))
         if plan.dtype != torch.float32:  # under autocast; without it peft's input cast is needed
             keep_activation_dtype(model)
-    # After the shared dropout masks: the fused LoRA function leaves layers with a shared mask
-    # to peft's path, so on CPU (fast: auto = none) the measured CPU choices stay as they were.
+    # After the shared dropout masks: the fused LoRA layers draw their own graph-safe masks,
+    # one per input as the shared dropout does (fast: auto = none on CPU, so the measured CPU
+    # choices stay as they were).
     for line in apply_fast_path(model, plan.fast):
         logger.info(f"fast path: {line}")
     for line in apply_cpu_fast(model, plan.cpu_fast, attn_impl):

@@ -7,6 +7,8 @@ One call, :func:`apply_fast_path`, after peft has wrapped the model, switches on
   (``lora_fused.py``);
 - ``group``: sibling projections of one input (QKV, gate/up) as one function
   (``lora_group.py``), with ``lora`` only;
+- (with ``lora``) LoRA dropout from counter-based masks that recompute and CUDA graphs
+  reproduce (``dropout.py``), so ``--lora_dropout`` > 0 keeps every part below on;
 - ``kernels``: Liger's Triton RMSNorm, RoPE and SwiGLU on Qwen2/Llama-family models on CUDA,
   when ``liger-kernel`` is installed (``pip install 'tunesmith[liger]'``);
 - ``loss``: the LM head's cross-entropy in chunks with the gradient formed in the forward
@@ -42,7 +44,7 @@ class FastOptions:
     lora: bool = True
     """Fused LoRA autograd function in the compute dtype."""
     group: bool = True
-    """QKV and gate/up LoRA layers as one function each (needs ``lora``; dropout 0 only)."""
+    """QKV and gate/up LoRA layers as one function each (needs ``lora``)."""
     kernels: bool = True
     """Liger's Triton RMSNorm/RoPE/SwiGLU on CUDA (skipped when liger-kernel is missing)."""
     loss: bool = True

@@ -24,9 +24,16 @@ on the same inputs.
 
 A layer runs eagerly (HF's own checkpointing, replicated here) whenever the graphs cannot
 serve the call: another shape, more than ``MAX_TOKENS`` tokens, an attention mask (padding),
-a KV cache, eval mode, no grad, LoRA or attention dropout (a captured draw would be replayed;
-with recompute the two graphs would draw different masks), full fine-tuning, or several
-processes.
+a KV cache, eval mode, no grad, attention dropout or a dropout outside the fused LoRA layers
+(a captured draw would be replayed; with recompute the two graphs would draw different masks),
+full fine-tuning, or several processes. The fused LoRA layers' dropout is graph-safe: its
+masks hash a step seed that the graphs read from device memory (``dropout.py``).
+
+The captures differentiate with respect to fresh aliases of the LoRA weights (``_aliased``):
+a parameter's gradient accumulator remembers the stream it was made on, and one made on the
+default stream and still alive (a loop holding last step's loss) would make the legacy stream
+wait on the capture: "operation would make the legacy stream depend on a capturing blocking
+stream" (issue 17, session 5's loss match).
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import nn
+
+from tunesmith.model.fast.dropout import graph_unsafe_dropout
 
 WARMUP_CALLS = 1
 """Eager calls of every layer at the graphed shape before the capture (Triton's JIT and cuDNN's
@@ -208,15 +217,33 @@ def _why_not(layer: nn.Module) -> str:
         return "several processes"
     if any(p.requires_grad and "lora_" not in n for n, p in layer.named_parameters()):
         return "weights other than LoRA trained"  # static gradients as large as those weights
-    for m in layer.modules():
-        if isinstance(m, nn.Dropout) and m.p > 0:
-            return "LoRA dropout"
+    why = graph_unsafe_dropout(layer)
+    if why:
+        return why
     attn = getattr(layer, "self_attn", None)
     if float(getattr(getattr(attn, "config", None), "attention_dropout", 0.0) or 0.0) > 0:
         return "attention dropout"
     if getattr(getattr(attn, "config", None), "_attn_implementation", "sdpa") != "sdpa":
         return "attention other than SDPA"  # flash-attention reads position_ids for packing
     return ""
+
+
+@contextlib.contextmanager
+def _aliased(layer: nn.Module, aliases: dict[int, torch.Tensor]) -> Iterator[None]:
+    """While capturing: the layer's trained parameters replaced by ``aliases`` (by the
+    parameter's id; fresh leaves on the same storage), so the captured autograd work creates
+    its own gradient accumulators on the capturing stream (see the module's docstring)."""
+    swapped = []
+    for m in layer.modules():
+        for name, p in m._parameters.items():
+            if p is not None and id(p) in aliases:
+                swapped.append((m, name, p))
+                m._parameters[name] = aliases[id(p)]  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p
 
 
 def _copy_rope(gs: GraphSet, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -298,16 +325,19 @@ def _capture_layer(
     call = dict(kwargs, position_embeddings=gs.rope, position_ids=None)
     call.pop("cache_position", None)
     params = [p for p in layer.parameters() if p.requires_grad]
+    # Fresh leaves on the parameters' storage: replays read the optimizer's updates in place.
+    aliases = {id(p): p.detach().requires_grad_(True) for p in params}
+    leaves = [aliases[id(p)] for p in params]
     forward = type(layer).forward
     recompute = bool(layer._ts_ckpt)
-    held = types.SimpleNamespace(x=None, out=None)
+    held = types.SimpleNamespace(x=None, out=None, leaves=leaves)
 
     def fwd() -> list[torch.Tensor]:
         if recompute:  # nothing saved: the backward graph recomputes
             with torch.no_grad():
                 return [forward(layer, x, **call)]
         held.x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), _aliased(layer, aliases):
             held.out = forward(layer, held.x, **call)
         return [held.out]
 
@@ -317,11 +347,11 @@ def _capture_layer(
     def bwd() -> list[torch.Tensor]:
         if recompute:
             held.x = x.detach().requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), _aliased(layer, aliases):
                 held.out = forward(layer, held.x, **call)
         # Backward outside autocast, as the eager backward runs.
         with torch.autocast(held.out.device.type, enabled=False):
-            grads = torch.autograd.grad(held.out, [held.x, *params], gy,
+            grads = torch.autograd.grad(held.out, [held.x, *leaves], gy,
                                         retain_graph=not recompute)  # fmt: skip
         gx.copy_(grads[0])
         if recompute:

@@ -24,9 +24,10 @@ issue 17, call 3). Gradients are cast back to the weights' dtype. The math is pe
 bf16 products in another order).
 
 ``patch_lora_layers`` swaps the forward of every peft LoRA layer it can serve (one active
-adapter, no DoRA, plain or bitsandbytes-4-bit base; LoRA dropout is drawn here and its mask
-saved as one byte an element) and leaves the others alone; the modules, parameter names and
-checkpoints stay peft's.
+adapter, no DoRA, plain or bitsandbytes-4-bit base; LoRA dropout, peft's or the shared one,
+is applied here from a counter-based mask (``dropout.py``: regenerated in backward and in a
+recompute, graph-safe, never stored)) and leaves the others alone; the modules, parameter
+names and checkpoints stay peft's.
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from tunesmith.model.fast.dropout import (
+    Drop,
+    SeedHome,
+    add_drop_,
+    apply_drop,
+    attach_seed,
+    dropout_p,
+    rank_salt,
+)
+from tunesmith.model.lora_dropout import SharedInputDropout
 
 CACHE_COPIES = True
 """Whether ``compute_copy`` caches; off while a CUDA graph is captured (``graphs.py``): the
@@ -68,8 +80,8 @@ def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class LoraLinearFunction(torch.autograd.Function):
     """``x @ W.T + bias + scaling * (drop(x) @ A.T) @ B.T`` with a hand-written backward.
 
-    ``keep`` is the dropout's boolean mask (None: no dropout) and ``keep_scale`` its 1/(1-p);
-    the mask (one byte an element) is saved instead of the dropped-out copy of ``x``.
+    ``drop`` is the LoRA dropout's mask recipe (``dropout.Drop``; None: no dropout): the mask
+    is regenerated in backward from it (and identically in a recompute), never stored.
     """
 
     @staticmethod
@@ -81,8 +93,7 @@ class LoraLinearFunction(torch.autograd.Function):
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         scaling: float,
-        keep: torch.Tensor | None,
-        keep_scale: float,
+        drop: Drop | None,
     ) -> torch.Tensor:
         """Forward; ``x`` is (..., in), the result (..., out) in ``x``'s dtype."""
         dtype = x.dtype
@@ -93,24 +104,26 @@ class LoraLinearFunction(torch.autograd.Function):
         a = compute_copy(lora_a, dtype, scaling)
         b = compute_copy(lora_b, dtype)
         y = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
-        xd = x2 if keep is None else _drop(x2, keep, keep_scale)
-        xa = xd @ a.t()  # s * x A^T
+        xd = x2 if drop is None else apply_drop(x2, drop)
+        xa = xd @ a.t()  # s * drop(x) A^T
+        del xd
         y.addmm_(xa, b.t())
-        ctx.save_for_backward(x, a, b, xa, keep)
+        ctx.save_for_backward(x, a, b, xa)
         # The frozen base weight is held by reference, not through save_for_backward: the
         # checkpointing hooks would hand back a detached plain tensor, losing a 4-bit weight's
         # quant_state, and a parameter needs no saving anyway.
         ctx.weight = weight
         ctx.scaling = scaling
-        ctx.keep_scale = keep_scale
+        ctx.drop = drop
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         """Gradients for x, A and B (the base weight and bias are frozen)."""
-        x, a, b, xa, keep = ctx.saved_tensors  # a = s * A and b = B, compute dtype
+        x, a, b, xa = ctx.saved_tensors  # a = s * A and b = B, compute dtype
         s = ctx.scaling
+        drop = ctx.drop
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
@@ -118,17 +131,17 @@ class LoraLinearFunction(torch.autograd.Function):
         dx = da = db = None
         if ctx.needs_input_grad[0]:
             dx = dy2 @ _dense(ctx.weight, dtype)
-            if keep is None:
+            if drop is None:
                 dx.addmm_(dyb, a)
             else:  # the adapter's share passes back through the same dropout mask
-                dx.add_(_drop(dyb @ a, keep, ctx.keep_scale))
+                add_drop_(dx, dyb @ a, drop)
             dx = dx.view(x.shape)
         if ctx.needs_input_grad[3]:
-            xd = x2 if keep is None else _drop(x2, keep, ctx.keep_scale)
+            xd = x2 if drop is None else apply_drop(x2, drop)
             da = _scaled(dyb.t() @ xd, s, ctx.dtypes[0])
         if ctx.needs_input_grad[4]:
             db = (dy2.t() @ xa).to(ctx.dtypes[1])  # xa carries the scaling already
-        return dx, None, None, da, db, None, None, None
+        return dx, None, None, da, db, None, None
 
 
 def compute_copy(p: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -154,11 +167,6 @@ def _scaled(t: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.mul(t, s, out=out)
 
 
-def _drop(t: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """``t`` with the dropped elements zeroed and the kept ones scaled by ``scale``."""
-    return t * keep.view(t.shape) * scale
-
-
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -166,18 +174,10 @@ def lora_linear(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,
-    dropout: float = 0.0,
-    keep: torch.Tensor | None = None,
+    drop: Drop | None = None,
 ) -> torch.Tensor:
-    """Functional form of :class:`LoraLinearFunction` (what the patched layers call).
-
-    With ``dropout`` > 0 and no ``keep`` mask given, one is drawn (as ``nn.Dropout`` would in
-    training mode: each element kept with probability 1 - dropout).
-    """
-    if dropout > 0 and keep is None:
-        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - dropout)
-    scale = 1.0 / (1.0 - dropout) if dropout > 0 else 1.0
-    return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, keep, scale)
+    """Functional form of :class:`LoraLinearFunction` (what the patched layers call)."""
+    return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, drop)
 
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -190,8 +190,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if name not in self.lora_A:
         return type(self).forward(self, x, *args, **kwargs)
     base = self.base_layer
-    dropout = self.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    p = dropout_p(self, name)
     return lora_linear(
         x,
         base.weight,
@@ -199,7 +198,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         self.lora_A[name].weight,
         self.lora_B[name].weight,
         float(self.scaling[name]),
-        dropout=p,
+        drop=self._ts_seed.drop(p) if p > 0 else None,
     )
 
 
@@ -219,7 +218,7 @@ def fusable(module: nn.Module) -> bool:
     if len(module.lora_A) != 1 or module.lora_variant:  # DoRA and friends
         return False
     dropout = next(iter(module.lora_dropout.values()))
-    if type(dropout) not in (nn.Identity, nn.Dropout):
+    if type(dropout) not in (nn.Identity, nn.Dropout, SharedInputDropout):
         return False
     base = module.base_layer
     if base.weight.requires_grad:  # the function returns no gradient for the base weight
@@ -235,6 +234,7 @@ def patch_lora_layers(model: nn.Module) -> tuple[int, int]:
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    home = seed_home(model)
     patched = total = 0
     for module in model.modules():
         if not isinstance(module, BaseTunerLayer):
@@ -243,5 +243,22 @@ def patch_lora_layers(model: nn.Module) -> tuple[int, int]:
         if fusable(module):
             module.forward = types.MethodType(_fused_forward, module)
             module._tunesmith_fused = True
+            # Each layer's own salt; grouped layers use their first member's (one shared mask).
+            module._ts_seed = SeedHome(home, rank_salt(total))
             patched += 1
     return patched, total
+
+
+def seed_home(model: nn.Module) -> nn.Module:
+    """The module that holds the dropout step seed: the decoder (its forward starts every
+    training step's layers), else the model itself."""
+    from tunesmith.model.lora import hf_model
+
+    try:
+        home = hf_model(model).get_decoder()
+    except (AttributeError, NotImplementedError):
+        home = model
+    if not isinstance(home, nn.Module):
+        home = model
+    attach_seed(home)
+    return home

@@ -16,9 +16,9 @@ concatenated copy of the base: that would cost its memory again).
 The model code still calls each projection on its own (``self.k_proj(hidden_states)``), so
 the group runs when its first member is called and hands the other outputs to the members
 called next with the *same* input tensor; any other call (another input, adapters switched
-off, dropout on) goes through the member's own fused or peft forward. Only groups whose
-LoRA dropout is 0 (nn.Identity, or off in eval) are grouped: with dropout every projection
-draws its own mask, so there is no shared ``x @ A``.
+off) goes through the member's own fused or peft forward. With LoRA dropout the group draws
+one mask for its input (``dropout.py``, the first member's salt: as ``SharedInputDropout``
+does), so ``drop(x) @ A_cat.T`` stays one GEMM; the mask is regenerated in backward.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from tunesmith.model.fast import lora_fused
+from tunesmith.model.fast.dropout import Drop, add_drop_, apply_drop, dropout_p
 from tunesmith.model.fast.lora_fused import _dense, _fused_forward, compute_copy
 
 # Sibling projections that read one input, by attribute name (Qwen2, Llama, Mistral, ...).
@@ -50,6 +51,7 @@ class LoraGroupFunction(torch.autograd.Function):
         x: torch.Tensor,
         frozen: tuple[tuple[torch.Tensor, torch.Tensor | None], ...],
         scalings: tuple[float, ...],
+        drop: Drop | None,
         *adapters: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         """The members' outputs, each (..., out_i) in ``x``'s dtype."""
@@ -58,7 +60,9 @@ class LoraGroupFunction(torch.autograd.Function):
         a_list = [compute_copy(a, dtype, s) for a, s in zip(adapters[::2], scalings, strict=True)]
         b_list = [compute_copy(b, dtype) for b in adapters[1::2]]
         a_cat = _cat_cached(a_list)
-        xa = x2 @ a_cat.t()  # (n, sum of ranks): each block already scaled by its s_i
+        xd = x2 if drop is None else apply_drop(x2, drop)
+        xa = xd @ a_cat.t()  # (n, sum of ranks): each block already scaled by its s_i
+        del xd
         ranks = [a.shape[0] for a in a_list]
         outs = []
         for (weight, bias), xa_i, b in zip(frozen, xa.split(ranks, 1), b_list, strict=True):
@@ -69,6 +73,7 @@ class LoraGroupFunction(torch.autograd.Function):
         ctx.save_for_backward(x, xa, a_cat, *b_list)
         ctx.weights = [w for w, _ in frozen]  # by reference: see LoraLinearFunction
         ctx.scalings = scalings
+        ctx.drop = drop
         ctx.ranks = ranks
         ctx.dtypes = [p.dtype for p in adapters]
         ctx.set_materialize_grads(False)  # an output nobody used has no gradient to add
@@ -97,16 +102,24 @@ class LoraGroupFunction(torch.autograd.Function):
             dybs.append(dy2 @ b)
             dbs.append(dy2.t() @ xa_i)  # xa_i carries s_i already
         dyb = torch.cat(dybs, 1) if len(dybs) > 1 else dybs[0]  # (n, sum of ranks)
+        drop = ctx.drop
         if need_x:
-            dx = dyb @ a_cat if dx is None else dx.addmm_(dyb, a_cat)
+            if drop is None:
+                dx = dyb @ a_cat if dx is None else dx.addmm_(dyb, a_cat)
+            elif dx is None:
+                dx = apply_drop(dyb @ a_cat, drop)
+            else:  # the adapters' share passes back through the group's mask
+                add_drop_(dx, dyb @ a_cat, drop)
             dx = dx.view(x.shape)
-        da_cat = dyb.t() @ x2  # (sum of ranks, in), unscaled
+        xd = x2 if drop is None else apply_drop(x2, drop)
+        da_cat = dyb.t() @ xd  # (sum of ranks, in), unscaled
+        del xd
         grads: list[torch.Tensor | None] = []
         for i, (da, db) in enumerate(zip(da_cat.split(ctx.ranks, 0), dbs, strict=True)):
             out = torch.empty(da.shape, dtype=ctx.dtypes[2 * i], device=da.device)
             grads.append(torch.mul(da, ctx.scalings[i], out=out))
             grads.append(None if db is None else db.to(ctx.dtypes[2 * i + 1]))
-        return (dx, None, None, *grads)
+        return (dx, None, None, None, *grads)
 
 
 def _cat_cached(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -137,7 +150,8 @@ class LoraGroup:
     """Member index -> its output, computed with another member's call."""
 
     def adapter(self) -> str | None:
-        """The one active adapter when every member can be grouped now, else None."""
+        """The one active adapter when every member can be grouped now, else None (also when
+        the members' dropout probabilities differ)."""
         first = self.members[0]
         active = first.active_adapters
         if len(active) != 1:
@@ -148,8 +162,7 @@ class LoraGroup:
                 return None
             if name not in m.lora_A:
                 return None
-            dropout = m.lora_dropout[name]
-            if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+            if dropout_p(m, name) != dropout_p(first, name):
                 return None
         return name
 
@@ -160,7 +173,10 @@ class LoraGroup:
         adapters = []
         for m in self.members:
             adapters += [m.lora_A[name].weight, m.lora_B[name].weight]
-        return list(LoraGroupFunction.apply(x, frozen, scalings, *adapters))
+        first = self.members[0]
+        p = dropout_p(first, name)
+        drop = first._ts_seed.drop(p) if p > 0 else None
+        return list(LoraGroupFunction.apply(x, frozen, scalings, drop, *adapters))
 
 
 def _grouped_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
