@@ -24,10 +24,10 @@ for n, k in ((2048, 3584), (2048, 18944)):
     err2 = float((got2.float() - drop_reference(x, d, acc).float()).abs().max())
     ms = triton.testing.do_bench(lambda: apply_drop(x, d), return_mode="median")  # noqa: B023
     ms2 = triton.testing.do_bench(lambda: add_drop_(acc, x, d), return_mode="median")  # noqa: B023
-    gb = x.numel() * 2 * 2 / 1e9
+    gb = x.numel() * 2 * 2 / 1e9  # read x, write out; GB per ms = TB/s
     print(f"({n}, {k}) bf16: same mask {same_mask}, max |diff| {err:.3g} (acc {err2:.3g}), "
           f"kept {float((got != 0).float().mean()):.4f}; apply {ms * 1e3:.1f} us "
-          f"({gb / ms:.0f} GB/s), add {ms2 * 1e3:.1f} us ({gb * 1.5 / ms2:.0f} GB/s)")  # fmt: skip
+          f"({gb / ms:.2f} TB/s), add {ms2 * 1e3:.1f} us ({gb * 1.5 / ms2:.2f} TB/s)")  # fmt: skip
 
 # Inside a CUDA graph: the replay reads the seed from device memory.
 x = torch.randn(2048, 3584, device="cuda", dtype=torch.bfloat16)

@@ -231,6 +231,6 @@ def test_sft_shared_dropout_is_served_by_the_fused_layers() -> None:
     done = apply_fast_path(model, FastOptions(kernels=False, graphs=False))
     assert done[0] == "fused LoRA on 14/14 layers"
     q = model.get_base_model().model.layers[0].self_attn.q_proj
-    assert q._ts_seed.drop(0.05).p == 0.05
+    assert q._ts_seed.drop(0.05, torch.device("cpu")).p == 0.05
     loss, grads = _loss_grads(model, seed=1)
     assert torch.isfinite(torch.tensor(loss)) and len(grads) == 28

@@ -141,12 +141,14 @@ def _launch(x: torch.Tensor, drop: Drop, acc: torch.Tensor | None) -> torch.Tens
 
 def attach_seed(decoder: nn.Module) -> None:
     """Give ``decoder`` (the module every training forward passes through) the step seed,
-    redrawn by a forward pre-hook at each training forward with grad. A non-persistent buffer:
-    it moves with the model and stays out of checkpoints."""
+    redrawn by a forward pre-hook at each training forward with grad. A non-persistent buffer
+    on the module's device: it moves with the model and stays out of checkpoints."""
     if hasattr(decoder, SEED_ATTR):
         return
+    first = next(decoder.parameters(), None)
     seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
-    decoder.register_buffer(SEED_ATTR, seed, persistent=False)
+    decoder.register_buffer(SEED_ATTR, seed.to(first.device if first is not None else "cpu"),
+                            persistent=False)  # fmt: skip
     decoder.register_forward_pre_hook(_new_seed)
 
 
@@ -165,9 +167,14 @@ class SeedHome:
     salt: int
     """This input's salt; a rank's own range, so processes draw different masks."""
 
-    def drop(self, p: float) -> Drop:
-        """The ``Drop`` of this input for the current step."""
-        return Drop(getattr(self.module, SEED_ATTR), self.salt, p)
+    def drop(self, p: float, device: torch.device) -> Drop:
+        """The ``Drop`` of this input for the current step, its seed on ``device`` (moved
+        there once if the model was moved without the seed's module)."""
+        seed = getattr(self.module, SEED_ATTR)
+        if seed.device != device:
+            seed = seed.to(device)
+            setattr(self.module, SEED_ATTR, seed)  # the buffer itself, for the hook too
+        return Drop(seed, self.salt, p)
 
 
 def rank_salt(index: int) -> int:

@@ -198,7 +198,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         self.lora_A[name].weight,
         self.lora_B[name].weight,
         float(self.scaling[name]),
-        drop=self._ts_seed.drop(p) if p > 0 else None,
+        drop=self._ts_seed.drop(p, x.device) if p > 0 else None,
     )
 
 

@@ -175,7 +175,7 @@ class LoraGroup:
             adapters += [m.lora_A[name].weight, m.lora_B[name].weight]
         first = self.members[0]
         p = dropout_p(first, name)
-        drop = first._ts_seed.drop(p) if p > 0 else None
+        drop = first._ts_seed.drop(p, x.device) if p > 0 else None
         return list(LoraGroupFunction.apply(x, frozen, scalings, drop, *adapters))
 
 
