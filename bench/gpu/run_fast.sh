@@ -11,8 +11,10 @@ export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # Every row of the table, the most wanted first (a run that would not fit the call's
 # 560 s is skipped and says so).
-RUNS=${*:-peft lora unsloth qlora unsloth_qlora peft@8192 lora@8192 peft_liger lora_nockpt \
-  peft_mixed lora_mixed lossmatch unsloth@8192}
+# The loss match (lossmatch: ~85 s, five models) runs in its own call since session 6
+# (bench/gpu/run_s6check.sh): with the dropout rows the table alone fills the call.
+RUNS=${*:-peft lora lora_drop peft_drop unsloth qlora unsloth_qlora peft@8192 lora@8192 \
+  peft_liger lora_nockpt peft_mixed lora_mixed unsloth@8192}
 python3 bench/gpu_train.py --tokenizer /tmp/tok --shapes 7b --steps 6 --timeout 150 \
   --budget ${BUDGET:-560} --work /tmp/w --runs $RUNS 2>&1 | grep -v "Loading weights" \
   | tee $OUT/harness.log
