@@ -25,8 +25,9 @@ TUNESMITH_FLAGS = {
     "lora_nockpt": ["--gradient_checkpointing", "false"],
     "lora_mixed": ["--packing", "true"],
     "qlora": ["--quantization_bit", "4", "--bnb_4bit_quant_type", "nf4"],
+    "qlora_drop": ["--quantization_bit", "4", "--bnb_4bit_quant_type", "nf4"],
 }
-DROPOUT_RUNS = ("lora_drop", "peft_drop")  # --lora_dropout 0.05, ms-swift's default
+DROPOUT_RUNS = ("lora_drop", "peft_drop", "qlora_drop")  # --lora_dropout 0.05 (ms-swift's)
 DROPOUT = 0.05
 
 

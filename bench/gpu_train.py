@@ -70,7 +70,7 @@ RUNS = ("lora", "lora_nofast", "lora_noliger", "lora_nockpt", "lora_mixed", "qlo
         "lora_all", "lora_all_nockpt", "lora_graphs", "lora_embed", "qlora_all",
         "peft", "peft_qlora", "peft_liger", "peft_nockpt", "peft_mixed",
         "unsloth", "unsloth_qlora", "lossmatch", "profile", "profile_nofast",
-        "ablation", "lora_drop", "peft_drop")  # fmt: skip
+        "ablation", "lora_drop", "peft_drop", "qlora_drop")  # fmt: skip
 WORDS = """the model learns from data and each step updates a small adapter while the base stays
 frozen so memory goes to activations of long sequences in a river valley an old town keeps its
 bridges stone walls gardens markets music trains night morning light people travel north south

@@ -11,6 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from tunesmith.model.fast import FastOptions, apply_fast_path, graphs
 from tunesmith.model.fast.embed import host_embedding
 from tunesmith.model.lora import CausalLMLoss, lora_config
+from tunesmith.model.lora_dropout import share_lora_dropout
 from tunesmith.options import LoraOptions
 
 
@@ -118,6 +119,8 @@ def test_dropout_outside_the_fused_layers_keeps_the_layers_eager(monkeypatch) ->
                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     model = get_peft_model(Qwen2ForCausalLM(cfg), lora_config(LoraOptions(dropout=0.1)))
     model.train()
+    # As sft() sets it up: the shared dropout (no nn.Dropout subclass) must be caught as well.
+    assert share_lora_dropout(model) == 14
     apply_fast_path(model, FastOptions(lora=False, group=False, kernels=False, graphs=True))
     _steps(model, 4, [12])
     gs = model.get_base_model().model.layers[0]._ts_graphs
