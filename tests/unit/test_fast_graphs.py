@@ -169,3 +169,24 @@ def test_a_failed_capture_leaves_the_layers_eager(monkeypatch) -> None:
     assert gs.disabled.startswith("capture failed: operation not permitted") and not gs.layers
     for (loss, _), (want, _) in zip(got, ref, strict=True):
         assert abs(loss - want) < 1e-5 * abs(want)
+
+
+def test_aliased_parameters_are_fresh_leaves_on_the_same_storage() -> None:
+    """While captured, the layer computes with aliases (own gradient accumulators, same
+    storage); the parameters are back afterwards, gradients equal."""
+    from tunesmith.model.fast.aliases import aliased
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    layer[0].weight.requires_grad_(False)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    aliases = {id(p): p.detach().requires_grad_(True) for p in params}
+    x = torch.randn(5, 4)
+    want = torch.autograd.grad(layer(x).square().sum(), params)
+    with aliased(layer, aliases):
+        assert layer[1].weight is aliases[id(params[1])]
+        got = torch.autograd.grad(layer(x).square().sum(), [aliases[id(p)] for p in params])
+    assert layer[1].weight is params[1] and isinstance(layer[1].weight, torch.nn.Parameter)
+    assert all(a.data_ptr() == p.data_ptr() for p, a in zip(params, aliases.values(), strict=True))
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)

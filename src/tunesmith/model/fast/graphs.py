@@ -23,17 +23,12 @@ so accumulation and clipping are unchanged. The math is the eager layer's: the s
 on the same inputs.
 
 A layer runs eagerly (HF's own checkpointing, replicated here) whenever the graphs cannot
-serve the call: another shape, more than ``MAX_TOKENS`` tokens, an attention mask (padding),
-a KV cache, eval mode, no grad, attention dropout or a dropout outside the fused LoRA layers
-(a captured draw would be replayed; with recompute the two graphs would draw different masks),
-full fine-tuning, or several processes. The fused LoRA layers' dropout is graph-safe: its
-masks hash a step seed that the graphs read from device memory (``dropout.py``).
+serve the call: another shape, more than ``MAX_TOKENS`` tokens, an attention mask, a KV cache,
+eval mode, no grad, attention dropout or a dropout outside the fused LoRA layers (a replay
+would repeat a captured draw), full fine-tuning, or several processes. The fused layers' LoRA
+dropout hashes a step seed the graphs read from device memory (``dropout.py``).
 
-The captures differentiate with respect to fresh aliases of the LoRA weights (``_aliased``):
-a parameter's gradient accumulator remembers the stream it was made on, and one made on the
-default stream and still alive (a loop holding last step's loss) would make the legacy stream
-wait on the capture: "operation would make the legacy stream depend on a capturing blocking
-stream" (issue 17, session 5's loss match).
+Captures differentiate w.r.t. fresh aliases of the LoRA weights (``aliases.py`` says why).
 """
 
 from __future__ import annotations
@@ -48,15 +43,15 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from tunesmith.model.fast.aliases import aliased
 from tunesmith.model.fast.dropout import graph_unsafe_dropout
 
 WARMUP_CALLS = 1
 """Eager calls of every layer at the graphed shape before the capture (Triton's JIT and cuDNN's
 plans must exist: neither can be built while a graph is captured); the second call captures."""
 MAX_TOKENS = 4096
-"""Rows x length above which the layers stay eager: a longer step is bound by the GPU, not the
-host (seq 8192: 726 ms of GPU work in 760 ms), while the graphs' pool keeps one layer's
-backward scratch reserved (~0.4 GiB at 2,048 tokens, growing with the length)."""
+"""Rows x length above which the layers stay eager: a longer step is GPU-bound (8192: 726 ms of
+GPU work in 760 ms), and the pool keeps one layer's backward scratch (~0.4 GiB at 2,048)."""
 EMULATE = False
 """Tests only: a CPU stand-in for CUDA graphs (replay re-runs the captured function and copies
 its results into the tensors the capture returned). CI has no GPU."""
@@ -228,24 +223,6 @@ def _why_not(layer: nn.Module) -> str:
     return ""
 
 
-@contextlib.contextmanager
-def _aliased(layer: nn.Module, aliases: dict[int, torch.Tensor]) -> Iterator[None]:
-    """While capturing: the layer's trained parameters replaced by ``aliases`` (by the
-    parameter's id; fresh leaves on the same storage), so the captured autograd work creates
-    its own gradient accumulators on the capturing stream (see the module's docstring)."""
-    swapped = []
-    for m in layer.modules():
-        for name, p in m._parameters.items():
-            if p is not None and id(p) in aliases:
-                swapped.append((m, name, p))
-                m._parameters[name] = aliases[id(p)]  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        for m, name, p in swapped:
-            m._parameters[name] = p
-
-
 def _copy_rope(gs: GraphSet, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
     """Bring the static cos/sin up to this forward's (once a forward: all layers share it)."""
     assert gs.rope is not None
@@ -330,14 +307,14 @@ def _capture_layer(
     leaves = [aliases[id(p)] for p in params]
     forward = type(layer).forward
     recompute = bool(layer._ts_ckpt)
-    held = types.SimpleNamespace(x=None, out=None, leaves=leaves)
+    held = types.SimpleNamespace(x=None, out=None)
 
     def fwd() -> list[torch.Tensor]:
         if recompute:  # nothing saved: the backward graph recomputes
             with torch.no_grad():
                 return [forward(layer, x, **call)]
         held.x = x.detach().requires_grad_(True)
-        with torch.enable_grad(), _aliased(layer, aliases):
+        with torch.enable_grad(), aliased(layer, aliases):
             held.out = forward(layer, held.x, **call)
         return [held.out]
 
@@ -347,7 +324,7 @@ def _capture_layer(
     def bwd() -> list[torch.Tensor]:
         if recompute:
             held.x = x.detach().requires_grad_(True)
-            with torch.enable_grad(), _aliased(layer, aliases):
+            with torch.enable_grad(), aliased(layer, aliases):
                 held.out = forward(layer, held.x, **call)
         # Backward outside autocast, as the eager backward runs.
         with torch.autocast(held.out.device.type, enabled=False):
