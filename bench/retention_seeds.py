@@ -49,10 +49,14 @@ RECIPES: dict[str, list[str]] = {
     "B": ["--dataset", "self-cognition#40", B_ANSWERS],
     "E": ["--dataset", "self-cognition#80", E_ANSWERS, "--num_train_epochs", "1"],
     "K": ["--dataset", "self-cognition#80", B_ANSWERS, "--learning_rate", "5e-4"],
-}
+    "R": ["--dataset", "self-cognition#80", B_ANSWERS, "--learning_rate", "5e-4",
+          "--retain_dataset", B_ANSWERS, "--retain_kl", "1", "--retain_ce", "0"],
+}  # fmt: skip
 """Named recipes: dataset and flags on top of DEMO (later flags win). B: session 4's demo
 recipe; E: 80 identity records and 115 base answers, one epoch; K: the demo's recipe since
-session 5 (80 identity records, B's base answers, lr 5e-4)."""
+session 5 (80 identity records, B's base answers, lr 5e-4); R: K with the base answers trained
+by KL to the base model instead of cross-entropy on their text (``--retain_kl``, session 6;
+give another weight after ``--``)."""
 
 
 def tunesmith(args: list[str], wrap: list[str], log: Path) -> float:

@@ -150,6 +150,19 @@ class SftFlags(TypedDict, total=False):
     """rank-stabilised LoRA scaling (alpha / sqrt(r)) (default: false)"""
     use_dora: bool
     """weight-decomposed LoRA (DoRA) (default: false)"""
+    retain_kl: float
+    """keep the model close to the base model on general data: on the answer tokens of the
+    --retain_dataset records, add WEIGHT x KL(base || tuned), the divergence of the tuned
+    model's next-token distributions from the base model's (the LoRA adapter switched off: one
+    more forward, without gradient, of the batches holding such records); 0 = off (default:
+    0.0)"""
+    retain_ce: float
+    """weight of the usual cross-entropy on the --retain_dataset records' answers (1 = as any
+    record); 0 with --retain_kl: match the base model's distributions only, not the text of
+    its greedy answers (default: 1.0)"""
+    retain_dataset: Many
+    """the --dataset values that --retain_kl and --retain_ce apply to (as given there, without
+    #N) (default: base-answers)"""
     fast: str
     """fast GPU path parts: auto (all on CUDA, none on CPU), all, none, or a comma list of
     lora,group,kernels,loss,graphs,embed (default: auto)"""

@@ -185,6 +185,24 @@ class TrainArgs:
     modules_to_save: list[str] = arg([], "modules trained in full beside the adapter")
     use_rslora: bool = arg(False, "rank-stabilised LoRA scaling (alpha / sqrt(r))")
     use_dora: bool = arg(False, "weight-decomposed LoRA (DoRA)")
+    retain_kl: float = arg(
+        0.0,
+        "keep the model close to the base model on general data: on the answer tokens of the "
+        "--retain_dataset records, add WEIGHT x KL(base || tuned), the divergence of the tuned "
+        "model's next-token distributions from the base model's (the LoRA adapter switched off: "
+        "one more forward, without gradient, of the batches holding such records); 0 = off",
+    )
+    retain_ce: float = arg(
+        1.0,
+        "weight of the usual cross-entropy on the --retain_dataset records' answers (1 = as any "
+        "record); 0 with --retain_kl: match the base model's distributions only, not the text "
+        "of its greedy answers",
+    )
+    retain_dataset: list[str] = arg(
+        ["base-answers"],
+        "the --dataset values that --retain_kl and --retain_ce apply to (as given there, "
+        "without #N)",
+    )
     fast: str = arg(
         "auto",
         "fast GPU path parts: auto (all on CUDA, none on CPU), all, none, or a comma list of "

@@ -93,11 +93,19 @@ def base_answers_file(args: SftArgs | DataCommandArgs) -> Path:
 
 def expand_base_answers(args: SftArgs | DataCommandArgs) -> SftArgs | DataCommandArgs:
     """``args`` with every ``base-answers[#N]`` in ``--dataset`` replaced by the cached file of
-    the base model's answers (``#N`` kept); unchanged when there is none."""
+    the base model's answers (``#N`` kept); unchanged when there is none. sft's
+    ``--retain_dataset`` names it the same way, so it is replaced there too."""
     specs = [(s, *split_spec(s)) for s in args.dataset]
     if not any(name in NAMES for _s, name, _n in specs):
         return args
     path = str(base_answers_file(args))
-    dataset = [(path if n is None else f"{path}#{n}") if name in NAMES else s
-               for s, name, n in specs]  # fmt: skip
-    return dataclasses.replace(args, dataset=dataset)
+
+    def expand(values: list[str]) -> list[str]:
+        return [(path if n is None else f"{path}#{n}") if name in NAMES else s
+                for s, name, n in ((s, *split_spec(s)) for s in values)]  # fmt: skip
+
+    if isinstance(args, SftArgs):
+        return dataclasses.replace(
+            args, dataset=expand(args.dataset), retain_dataset=expand(args.retain_dataset)
+        )
+    return dataclasses.replace(args, dataset=expand(args.dataset))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.model.retain import RetainWeights, base_log_probs, retain_loss
 from tunesmith.options import LoraOptions
 from tunesmith.utils import IGNORE
 
@@ -74,11 +75,16 @@ class CausalLMLoss(nn.Module):
     Accelerate prepares this module (not the inner model), so DDP/FSDP see the whole forward.
     """
 
-    def __init__(self, model: nn.Module, fused_ce: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, fused_ce: bool = False, retain: RetainWeights | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         # A frozen plain-Linear head's loss through model.fast.loss (no logits kept).
         self.fused_ce = fused_ce
+        # --retain_kl / --retain_ce on the tokens a batch's ``retain`` mask marks (retain.py).
+        self.retain = retain or RetainWeights()
+        self.retain_stats = (0.0, 0)  # KL sum and retain tokens of the last forward (the log)
 
     def forward(
         self,
@@ -86,8 +92,10 @@ class CausalLMLoss(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        retain: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Loss sum, number of trained tokens and number predicted right, for one batch."""
+        """Loss sum, number of trained tokens and number predicted right, for one batch;
+        ``retain`` (B, L) marks the tokens of retain records (``model/retain.py``)."""
         lm = hf_model(self.model)
         hidden = lm.get_decoder()(
             input_ids=input_ids,
@@ -100,6 +108,16 @@ class CausalLMLoss(nn.Module):
         h = hidden[:, :-1][keep]
         t = targets[keep]
         head = lm.get_output_embeddings()
+        if retain is not None and self.retain.active:
+            where = keep & retain[:, 1:]
+            base_logp = None
+            if self.retain.kl and where.any():
+                base_logp = base_log_probs(self.model, lm, where, input_ids, position_ids,
+                                           attention_mask)  # fmt: skip
+            logits = head(h).float()
+            loss, kl = retain_loss(logits, t, retain[:, 1:][keep], base_logp, self.retain)
+            self.retain_stats = (float(kl.detach()), int(where.sum()))
+            return _pack(loss, (logits.argmax(-1) == t).sum(), t.numel())
         frozen = type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
         if self.fused_ce and frozen:
             from tunesmith.model.fast.loss import linear_cross_entropy

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from tunesmith.options import OptimOptions
+
+if TYPE_CHECKING:
+    from tunesmith.config import SftArgs
 
 
 def adamw(params: list[torch.nn.Parameter], opts: OptimOptions, fused: bool) -> torch.optim.AdamW:
@@ -37,3 +42,30 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return f
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many optimizer steps the run takes."""
+
+    steps_per_epoch: int
+    """Optimizer steps in one pass over the data."""
+    total_steps: int
+    """--max_steps, else the steps of --num_train_epochs."""
+    warmup: int
+    """Warmup steps."""
+
+
+def schedule(
+    args: SftArgs, optim: OptimOptions, n_batches: int, optimizer: torch.optim.Optimizer
+) -> tuple[Schedule, torch.optim.lr_scheduler.LambdaLR]:
+    """The step counts of the run and its learning-rate scheduler."""
+    steps_per_epoch = max(1, math.ceil(n_batches / args.gradient_accumulation_steps))
+    total_steps = (
+        args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    )
+    warmup = optim.warmup_steps or math.ceil(optim.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(optim.scheduler, warmup, total_steps)
+    )
+    return Schedule(steps_per_epoch, total_steps, warmup), scheduler

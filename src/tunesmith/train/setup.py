@@ -7,7 +7,6 @@ matters for reproducibility (the LoRA weights are initialised from the global RN
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,6 @@ from tunesmith.options import (
     DataOptions,
     LoraOptions,
     ModelOptions,
-    OptimOptions,
     QuantOptions,
     TemplateOptions,
     data_options,
@@ -43,7 +41,8 @@ from tunesmith.options import (
     template_options,
 )
 from tunesmith.train import distributed
-from tunesmith.train.optim import adamw, lr_lambda
+from tunesmith.train.optim import Schedule, adamw, schedule
+from tunesmith.train.retain import check_retain, retain_sources, retain_weights
 from tunesmith.train.strategy import Strategy, accelerator_plugins
 from tunesmith.train.track import JsonlLog, check_trackers, packing_report, truncate_log
 from tunesmith.utils import UserError, logger, write_json
@@ -72,6 +71,7 @@ def validate(args: SftArgs) -> None:
     quant.check_quantization(quant_options(args), args.train_type == "full")
     FastOptions.parse(args.fast)  # a bad --fast part is refused here, not after loading
     CpuFast.parse(args.cpu_fast)
+    check_retain(args)
     if args.eval_steps and not (args.val_dataset or args.split_dataset_ratio):
         logger.info(
             "note: --eval_steps is set but there is no validation data; nothing to evaluate"
@@ -225,12 +225,13 @@ def loaders(
     args: SftArgs, items: list[Any], val: list[Any], pad_id: int
 ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """The training and validation data loaders."""
+    sources = retain_sources(args)  # the batches mark their tokens for --retain_kl
     loader = torch.utils.data.DataLoader(
         items,
         batch_size=args.per_device_train_batch_size,
         shuffle=args.dataset_shuffle,
         generator=torch.Generator().manual_seed(args.seed),
-        collate_fn=lambda b: collate(b, pad_id),
+        collate_fn=lambda b: collate(b, pad_id, sources),
         num_workers=args.dataloader_num_workers,
         # Workers live across epochs: re-forking a process that holds the model costs ~1 s.
         persistent_workers=args.dataloader_num_workers > 0,
@@ -239,33 +240,6 @@ def loaders(
         val, batch_size=args.per_device_eval_batch_size, collate_fn=lambda b: collate(b, pad_id)
     )
     return loader, val_loader
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How many optimizer steps the run takes."""
-
-    steps_per_epoch: int
-    """Optimizer steps in one pass over the data."""
-    total_steps: int
-    """--max_steps, else the steps of --num_train_epochs."""
-    warmup: int
-    """Warmup steps."""
-
-
-def schedule(
-    args: SftArgs, optim: OptimOptions, n_batches: int, optimizer: torch.optim.Optimizer
-) -> tuple[Schedule, torch.optim.lr_scheduler.LambdaLR]:
-    """The step counts of the run and its learning-rate scheduler."""
-    steps_per_epoch = max(1, math.ceil(n_batches / args.gradient_accumulation_steps))
-    total_steps = (
-        args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    )
-    warmup = optim.warmup_steps or math.ceil(optim.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(optim.scheduler, warmup, total_steps)
-    )
-    return Schedule(steps_per_epoch, total_steps, warmup), scheduler
 
 
 @dataclass
@@ -360,8 +334,9 @@ def setup(
     optimizer = adamw(params, optim, fused=accelerator.device.type == "cuda" or plan.cpu_fast.adamw)
     loader, val_loader = loaders(args, items, data.val, tokenizer.pad_token_id)
     distributed.set_layers_to_shard(accelerator, hf_model(model))
+    loss = CausalLMLoss(model, fused_ce=plan.fast.loss, retain=retain_weights(args))
     loss_module, optimizer, loader, val_loader = accelerator.prepare(
-        CausalLMLoss(model, fused_ce=plan.fast.loss), optimizer, loader, val_loader
+        loss, optimizer, loader, val_loader
     )
     if plan.fast.embed and accelerator.device.type == "cuda" and not strategy.sharded:
         from tunesmith.model.fast.embed import offload_embedding

@@ -179,6 +179,10 @@ def train_step(run: Run, pos: Position, micro: list[dict[str, Any]]) -> tuple[fl
             # DDP averages gradients over processes: scale by their number to get a sum over
             # all tokens, divided by the global token count.
             acc.backward(loss_sum * scale / n_step)
+        if "retain" in batch:  # --retain_kl: the KL to the base model, logged per token
+            kl, n_kl = acc.unwrap_model(run.loss_module).retain_stats
+            window["retain_kl"] += kl
+            window["retain_tokens"] += n_kl
         step_loss += loss_sum.detach()
         window["correct"] += float(correct)
         window["tokens"] += batch["input_ids"].numel()
@@ -204,7 +208,8 @@ def train_step(run: Run, pos: Position, micro: list[dict[str, Any]]) -> tuple[fl
 
 def new_window(t: float) -> dict[str, float]:
     """Empty counters for the log line after time ``t``."""
-    return {"loss": 0.0, "tokens": 0, "trained": 0, "correct": 0, "t": t}
+    return {"loss": 0.0, "tokens": 0, "trained": 0, "correct": 0, "t": t, "retain_kl": 0.0,
+            "retain_tokens": 0}  # fmt: skip
 
 
 def progress_bar(step: int, total: int, main: bool) -> Any:
@@ -218,10 +223,13 @@ def progress_bar(step: int, total: int, main: bool) -> Any:
 def log_step(run: Run, pos: Position, grad_norm: float | None) -> None:
     """Write one ``logging.jsonl`` line and tracker point; start a new window. Counts are
     summed over the processes, memory is the busiest process's."""
-    distributed.sum_counts(run.accelerator, pos.window, ("tokens", "trained", "correct"))
+    keys = ("tokens", "trained", "correct", "retain_kl", "retain_tokens")
+    distributed.sum_counts(run.accelerator, pos.window, keys)
     record = log_record(pos.window, pos.step, run.sched.steps_per_epoch, run.sched.total_steps,
                         pos.t0, run.scheduler.get_last_lr()[0], grad_norm,
                         run.args.logging_steps, pos.first_step)  # fmt: skip
+    if pos.window["retain_tokens"]:  # mean KL(base || tuned) a retain token, in nats
+        record["retain_kl"] = round(pos.window["retain_kl"] / pos.window["retain_tokens"], 6)
     record["memory_gb"] = distributed.max_over_processes(run.accelerator, record["memory_gb"])
     if run.log is not None:
         run.log.write(record)
