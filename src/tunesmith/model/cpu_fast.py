@@ -16,7 +16,8 @@ the SDPA kernel's backward at a few dozen tokens, the optimizer's per-parameter 
 - ``head``: the frozen LM head prepacked for oneDNN too (``packed_linear.pack_head``);
 - ``compile``: ``torch.compile`` of each decoder layer (off by default: see RESULTS).
 
-``auto`` (the default) is all but ``compile`` when training on the CPU, nothing on a GPU.
+``auto`` (the default) is ``lora,attn,adamw,pack,head`` when training on the CPU and nothing
+on a GPU; ``layers`` measured no faster on the peers' recipe (bench/RESULTS.md, session 6).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 from tunesmith.utils import parse_parts
 
 PARTS = ("lora", "attn", "adamw", "pack", "layers", "head", "compile")
-DEFAULT = ("lora", "attn", "adamw", "pack", "layers", "head")
+DEFAULT = ("lora", "attn", "adamw", "pack", "head")
 
 
 @dataclass(frozen=True)
