@@ -4,10 +4,8 @@ Whole-run rows of ``bench/cpu_sft.py`` run minutes apart, and this machine's spe
 10-20 % between minutes, so a 10 % effect cannot be read from two of them. Here the run is
 built exactly as ``tunesmith sft`` builds it (``--cpu_fast auto``), one part is switched at run
 time (``--switch pack``: the grouped LoRA layers between prepacked and plain base weights;
-``--switch layers``: the fused decoder-layer functions against HF's forwards, with ``--flags
-"--cpu_fast lora,attn,adamw,pack,head,layers"``; ``--switch head``: the prepacked LM head
-against ``F.linear``; ``--switch tgemm``: the LoRA backward's skinny products transposed or
-not), and every batch is run forward and
+``--switch layers``: the fused decoder-layer functions against HF's forwards; ``--switch
+head``: the prepacked LM head against ``F.linear``), and every batch is run forward and
 backward with both, alternating (A B B A ...), timing forward and backward apart. The
 optimizer does not step (the weights stay the same for both).
 
@@ -31,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     """Build the run, warm both modes up, then time them alternately and print the sums."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--switch", default="pack", choices=("pack", "layers", "head", "tgemm"))
+    ap.add_argument("--switch", default="pack", choices=("pack", "layers", "head"))
     ap.add_argument("--flags", default="--torch_dtype bfloat16")
     ap.add_argument("--batches", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=2)
@@ -41,7 +39,6 @@ def main() -> None:
 
     from tunesmith.cli import parse_args
     from tunesmith.config import SftArgs
-    from tunesmith.model import lora_cpu
     from tunesmith.options import model_options
     from tunesmith.train.setup import setup
     from tunesmith.train.strategy import parse_strategy
@@ -58,8 +55,8 @@ def main() -> None:
     run = setup(args, model_options(args, default_model="demo"), out_dir / "run", None, strategy,
                 progress=False)  # fmt: skip
     run.loss_module.train()
-    attr = {"pack": "_tunesmith_group", "layers": "_tunesmith_fused", "head": "_tunesmith_head",
-            "tgemm": "_tunesmith_group"}[opts.switch]  # fmt: skip
+    attr = {"pack": "_tunesmith_group", "layers": "_tunesmith_fused", "head": "_tunesmith_head"}
+    attr = attr[opts.switch]
     groups = {id(getattr(m, attr)): getattr(m, attr) for m in run.loss_module.modules()
               if hasattr(m, attr)}.values()  # fmt: skip
     assert groups, f"nothing to switch: --cpu_fast has no {opts.switch} in this run"
@@ -68,11 +65,8 @@ def main() -> None:
     tokens = sum(b["input_ids"].numel() for b in batches)
 
     def step(batch: dict, pack: bool) -> tuple[float, float]:
-        lora_cpu.TRANSPOSED_GEMMS = pack or opts.switch != "tgemm"
         for g in groups:
-            if opts.switch == "tgemm":
-                pass
-            elif opts.switch == "pack":
+            if opts.switch == "pack":
                 g.pack = pack
             else:
                 g.enabled = pack

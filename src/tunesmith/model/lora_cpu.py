@@ -45,9 +45,6 @@ from tunesmith.model.packed_linear import PackedWeight
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # GroupedLoraFunction's arguments before the members' tensors: x, keep, keep_scale, scaling, packs.
 _LEAD = 5
-# The skinny backward products computed transposed (the faster layout for MKL and oneDNN at
-# r = 8 and a few dozen tokens); a switch for bench/cpu_pack_ab.py --switch tgemm.
-TRANSPOSED_GEMMS = True
 
 
 class GroupedLoraFunction(torch.autograd.Function):
@@ -108,13 +105,7 @@ class GroupedLoraFunction(torch.autograd.Function):
         s, dtype, rank = ctx.scaling, x.dtype, ctx.rank
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = [dy.reshape(-1, dy.shape[-1]).to(dtype) for dy in dys]
-        # fp32: MKL's sgemm (torch's fp32 matmul) runs (n, out) @ (out, r) 2.5x slower than
-        # the same product transposed, (r, out) @ (out, n) (bench/RESULTS.md, session 6).
-        tgemm = TRANSPOSED_GEMMS and dtype == torch.float32
-        dyb = torch.cat(
-            [(b.t() @ dy.t()).t() if tgemm else dy @ b for dy, b in zip(dy2, b_list, strict=True)],
-            dim=1,
-        )
+        dyb = torch.cat([dy @ b for dy, b in zip(dy2, b_list, strict=True)], dim=1)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = dyb @ a_cat  # the adapters' share first, back through the dropout mask
@@ -134,8 +125,7 @@ class GroupedLoraFunction(torch.autograd.Function):
             if ctx.needs_input_grad[_LEAD + 4 * i + 2]:
                 grads[4 * i + 2] = da_cat[i * rank : (i + 1) * rank].to(a_dtypes[i])
             if ctx.needs_input_grad[_LEAD + 4 * i + 3]:
-                xa_i = xa[:, i * rank : (i + 1) * rank]
-                db = ((xa_i.t() @ dy2[i]).t() if TRANSPOSED_GEMMS else dy2[i].t() @ xa_i).mul_(s)
+                db = (dy2[i].t() @ xa[:, i * rank : (i + 1) * rank]).mul_(s)
                 grads[4 * i + 3] = db.to(b_dtypes[i])
         return (dx, *[None] * (_LEAD - 1), *grads)
 
