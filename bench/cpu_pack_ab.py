@@ -1,14 +1,16 @@
-"""``--cpu_fast pack`` on and off in ONE process, step by step on the same batches.
+"""A ``--cpu_fast`` part on and off in ONE process, step by step on the same batches.
 
 Whole-run rows of ``bench/cpu_sft.py`` run minutes apart, and this machine's speed drifts by
 10-20 % between minutes, so a 10 % effect cannot be read from two of them. Here the run is
-built exactly as ``tunesmith sft`` builds it (``--cpu_fast auto``), the grouped LoRA layers
-are switched between prepacked and plain base weights, and every batch is run forward and
+built exactly as ``tunesmith sft`` builds it (``--cpu_fast auto``), one part is switched at run
+time (``--switch pack``: the grouped LoRA layers between prepacked and plain base weights;
+``--switch layers``: the fused decoder-layer functions against HF's forwards; ``--switch
+head``: the prepacked LM head against ``F.linear``), and every batch is run forward and
 backward with both, alternating (A B B A ...), timing forward and backward apart. The
 optimizer does not step (the weights stay the same for both).
 
-Usage: python bench/cpu_pack_ab.py [--flags "--torch_dtype bfloat16"] [--batches 30]
-                                   [--rounds 2]
+Usage: python bench/cpu_pack_ab.py [--switch pack|layers|head] [--flags "--torch_dtype bfloat16"]
+                                   [--batches 30] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     """Build the run, warm both modes up, then time them alternately and print the sums."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--switch", default="pack", choices=("pack", "layers", "head"))
     ap.add_argument("--flags", default="--torch_dtype bfloat16")
     ap.add_argument("--batches", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=2)
@@ -52,15 +55,21 @@ def main() -> None:
     run = setup(args, model_options(args, default_model="demo"), out_dir / "run", None, strategy,
                 progress=False)  # fmt: skip
     run.loss_module.train()
-    groups = {id(m._tunesmith_group): m._tunesmith_group for m in run.loss_module.modules()
-              if hasattr(m, "_tunesmith_group")}.values()  # fmt: skip
+    attr = {"pack": "_tunesmith_group", "layers": "_tunesmith_fused", "head": "_tunesmith_head"}
+    attr = attr[opts.switch]
+    groups = {id(getattr(m, attr)): getattr(m, attr) for m in run.loss_module.modules()
+              if hasattr(m, attr)}.values()  # fmt: skip
+    assert groups, f"nothing to switch: --cpu_fast has no {opts.switch} in this run"
     it = iter(run.loader)
     batches = [next(it) for _ in range(opts.batches)]
     tokens = sum(b["input_ids"].numel() for b in batches)
 
     def step(batch: dict, pack: bool) -> tuple[float, float]:
         for g in groups:
-            g.pack = pack
+            if opts.switch == "pack":
+                g.pack = pack
+            else:
+                g.enabled = pack
         t0 = time.perf_counter()
         loss_sum, n, _ = run.loss_module(**batch)
         t1 = time.perf_counter()
@@ -81,15 +90,14 @@ def main() -> None:
                 totals[pack][0] += f
                 totals[pack][1] += bw
     n = opts.rounds * len(batches)
-    print(
-        f"{len(groups)} LoRA groups, {n} steps a mode ({tokens / len(batches):.0f} tokens a step)"
-    )
+    print(f"{opts.switch}: {len(groups)} switches, {n} steps a mode "
+          f"({tokens / len(batches):.0f} tokens a step)")  # fmt: skip
     for pack, (f, bw) in totals.items():
-        name = "packed" if pack else "plain "
+        name = "on " if pack else "off"
         print(f"{name}: forward {f / n * 1e3:6.1f} ms  backward {bw / n * 1e3:6.1f} ms a step")
     (pf, pb), (qf, qb) = totals[True], totals[False]
     both = (pf + pb) / (qf + qb)
-    print(f"packed/plain: forward {pf / qf:.3f}  backward {pb / qb:.3f}  both {both:.3f}")
+    print(f"on/off: forward {pf / qf:.3f}  backward {pb / qb:.3f}  both {both:.3f}")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--trace", default=None)
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--shapes", default="", help="comma list of ops to break down by input shape")
     opts = ap.parse_args()
 
     from cpu_sft import OUT, PEER, write_dataset
@@ -92,7 +93,7 @@ def main() -> None:
     print(f"unprofiled: {wall / opts.steps * 1e3:.0f} ms a step ({tokens / opts.steps:.0f} tokens)")
     if not opts.profile:
         return
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=bool(opts.shapes)) as prof:
         wall, tokens = steps(opts.steps)
     print(f"profiled:   {wall / opts.steps * 1e3:.0f} ms a step ({tokens / opts.steps:.0f} tokens)")
     events = prof.key_averages()
@@ -108,6 +109,12 @@ def main() -> None:
     print(f"\ntop {opts.top} operators by self CPU time (ms a step, calls a step):")
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: opts.top]:
         print(f"  {e.key[:60]:60s} {e.self_cpu_time_total / n / 1000:8.2f} {e.count // n:6d}")
+    for op in filter(None, opts.shapes.split(",")):
+        print(f"\n{op} by input shapes (ms a step, calls a step):")
+        rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == op]
+        for e in sorted(rows, key=lambda e: -e.self_cpu_time_total)[:12]:
+            shapes = str(e.input_shapes)[:70]
+            print(f"  {shapes:70s} {e.self_cpu_time_total / n / 1000:8.2f} {e.count // n:6d}")
     if opts.trace:
         prof.export_chrome_trace(opts.trace)
 

@@ -158,7 +158,8 @@ def test_cpu_fast_parts() -> None:
     from tunesmith.model.cpu_fast import CpuFast
     from tunesmith.utils import UserError
 
-    assert CpuFast.parse("auto") == CpuFast(lora=True, attn=True, adamw=True, pack=True)
+    auto = CpuFast(lora=True, attn=True, adamw=True, pack=True, head=True)
+    assert CpuFast.parse("auto") == auto
     assert CpuFast.parse("auto", cpu=False) == CpuFast()
     assert CpuFast.parse("none") == CpuFast()
     assert CpuFast.parse("all").compile

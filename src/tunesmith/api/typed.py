@@ -167,8 +167,8 @@ class SftFlags(TypedDict, total=False):
     """fast GPU path parts: auto (all on CUDA, none on CPU), all, none, or a comma list of
     lora,group,kernels,loss,graphs,embed (default: auto)"""
     cpu_fast: str
-    """CPU training path parts: auto (lora,attn,adamw,pack when training on the CPU), all, none,
-    or a comma list of lora,attn,adamw,pack,compile (default: auto)"""
+    """CPU training path parts: auto (lora,attn,adamw,pack,head when training on the CPU), all,
+    none, or a comma list of lora,attn,adamw,pack,head,layers,compile (default: auto)"""
     gradient_checkpointing: bool | None
     """recompute activations in backward to save memory (default: on for GPU) (default: none)"""
     report_to: Many

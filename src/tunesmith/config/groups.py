@@ -210,8 +210,8 @@ class TrainArgs:
     )
     cpu_fast: str = arg(
         "auto",
-        "CPU training path parts: auto (lora,attn,adamw,pack when training on the CPU), all, "
-        "none, or a comma list of lora,attn,adamw,pack,compile",
+        "CPU training path parts: auto (lora,attn,adamw,pack,head when training on the CPU), "
+        "all, none, or a comma list of lora,attn,adamw,pack,head,layers,compile",
     )
     gradient_checkpointing: bool | None = arg(
         None, "recompute activations in backward to save memory (default: on for GPU)"

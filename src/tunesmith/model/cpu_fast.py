@@ -11,9 +11,13 @@ the SDPA kernel's backward at a few dozen tokens, the optimizer's per-parameter 
 - ``adamw``: torch's fused AdamW on the CPU (one kernel for all parameters);
 - ``pack``: the frozen base weights prepacked once for oneDNN, used by ``lora``'s function
   (``packed_linear.py``; no effect without ``lora``);
+- ``layers``: the frozen parts of each decoder layer (RMSNorm, RoPE + attention, SiLU·mul)
+  as single autograd functions with hand-written backwards (``cpu_layers.py``);
+- ``head``: the frozen LM head prepacked for oneDNN too (``packed_linear.pack_head``);
 - ``compile``: ``torch.compile`` of each decoder layer (off by default: see RESULTS).
 
-``auto`` (the default) is ``lora,attn,adamw,pack`` when training on the CPU and nothing on a GPU.
+``auto`` (the default) is ``lora,attn,adamw,pack,head`` when training on the CPU and nothing
+on a GPU; ``layers`` measured no faster on the peers' recipe (bench/RESULTS.md, session 6).
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from torch import nn
 
 from tunesmith.utils import parse_parts
 
-PARTS = ("lora", "attn", "adamw", "pack", "compile")
-DEFAULT = ("lora", "attn", "adamw", "pack")
+PARTS = ("lora", "attn", "adamw", "pack", "layers", "head", "compile")
+DEFAULT = ("lora", "attn", "adamw", "pack", "head")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,10 @@ class CpuFast:
     """Fused AdamW on the CPU."""
     pack: bool = False
     """Base weights prepacked for oneDNN in the grouped LoRA function."""
+    layers: bool = False
+    """Decoder layers' frozen parts as single autograd functions."""
+    head: bool = False
+    """The frozen LM head prepacked for oneDNN."""
     compile: bool = False
     """torch.compile of every decoder layer."""
 
@@ -71,6 +79,18 @@ def apply_cpu_fast(model: nn.Module, options: CpuFast, attn_impl: str) -> list[s
             done.append(f"grouped LoRA on {routed} layers ({grouped} groups sharing an input)")
             if pack:
                 done.append("base weights prepacked for oneDNN (where it has the dtype)")
+    if options.layers:
+        from tunesmith.model.cpu_layers import fuse_decoder_layers
+
+        _, counts = fuse_decoder_layers(model)
+        if any(counts.values()):
+            done.append("fused RMSNorm/attention/SiLU·mul ({norm}, {attn}, {mlp})".format(**counts))
+    if options.head and _packing_fits(model, done, head_only=True):
+        from tunesmith.model.lora import hf_model
+        from tunesmith.model.packed_linear import pack_head
+
+        if pack_head(hf_model(model).get_output_embeddings()) is not None:
+            done.append("LM head prepacked for oneDNN (where it has the dtype)")
     if options.compile:
         from tunesmith.model.lora import hf_model
 
@@ -83,13 +103,20 @@ def apply_cpu_fast(model: nn.Module, options: CpuFast, attn_impl: str) -> list[s
     return done
 
 
-def _packing_fits(model: nn.Module, done: list[str]) -> bool:
+def _packing_fits(model: nn.Module, done: list[str], head_only: bool = False) -> bool:
     """Whether the two packed copies of the frozen linear weights (``pack``) fit in half of
     the memory still available; a 7B model in bf16 would need 28 GB more, and a run that
     trained before must not be pushed out of memory by a speed-up. Notes a refusal in
-    ``done``."""
-    need = 2 * sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
-                   if isinstance(m, nn.Linear) and not m.weight.requires_grad)  # fmt: skip
+    ``done``. ``head_only``: the LM head's copies alone."""
+    if head_only:
+        from tunesmith.model.lora import hf_model
+
+        head = hf_model(model).get_output_embeddings()
+        mods = [head] if isinstance(head, nn.Linear) and not head.weight.requires_grad else []
+    else:
+        mods = [m for m in model.modules()
+                if isinstance(m, nn.Linear) and not m.weight.requires_grad]  # fmt: skip
+    need = 2 * sum(m.weight.numel() * m.weight.element_size() for m in mods)
     free = available_memory()
     if free is None or need <= free // 2:
         return True
